@@ -1,0 +1,38 @@
+"""The port interface: how a kind of port (in-memory, tap, uplink, NetVSP...) moves
+frames in and out of the switch.
+
+A port kind owns any number of the switch's ports and moves their frames in
+batches: ``receive`` fills a batch from all of its ports at once, ``transmit``
+sends everything the switch planned for its ports in one call (one compiled
+loop per kind per batch, not one call per port). The switch knows nothing else
+about NICs (DESIGN.md: ``switch`` knows nothing of NICs).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class PortKind:
+    name = "port kind"
+
+    def __init__(self):
+        self.switch = None
+        self.port_ids = np.zeros(0, dtype=np.int64)
+
+    def bind(self, switch) -> None:
+        self.switch = switch
+
+    def port_added(self, port) -> None:
+        self.port_ids = np.array(sorted(set(self.port_ids.tolist()) | {port.port_id}),
+                                 dtype=np.int64)
+
+    def port_removed(self, port) -> None:
+        self.port_ids = np.array([p for p in self.port_ids.tolist() if p != port.port_id],
+                                 dtype=np.int64)
+
+    def receive(self, batch) -> int:
+        """Fill ``batch`` (from 0) with frames from this kind's ports; return the count."""
+        return 0
+
+    def transmit(self, batch, plan, span) -> None:
+        """Send ``plan[:, span[q,0]:span[q,1]]`` for each of this kind's ports q."""

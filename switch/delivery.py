@@ -59,22 +59,23 @@ def finalize(meta, ctr, drop_in, drop_out, plan, span, n):
     span[:, 0] = 0
     span[:, 1] = 0
     for i in range(n):
-        if meta[DROP, i] == 0:
-            live = 0
-            for k in range(meta[NDST, i]):
-                d = meta[DST0 + k, i]
-                q = d & D_PORT_MASK
-                if d & D_EXCLUDED:
-                    r = (d >> D_REASON_SHIFT) & 0xFFFF
-                    drop_out[q, r] += 1
-                    ctr[q, DROP_OUT] += 1
-                    if r >= EXT_REASON_BASE:
-                        ctr[q, EXT_DROP_OUT] += 1
-                else:
-                    live += 1
-                    span[q, 1] += 1
-            if live == 0:
-                meta[DROP, i] = R.NO_DEST
+        alive = meta[DROP, i] == 0
+        live = 0
+        # Exclusions count on their port even when the packet was dropped later.
+        for k in range(meta[NDST, i]):
+            d = meta[DST0 + k, i]
+            q = d & D_PORT_MASK
+            if d & D_EXCLUDED:
+                r = (d >> D_REASON_SHIFT) & 0xFFFF
+                drop_out[q, r] += 1
+                ctr[q, DROP_OUT] += 1
+                if r >= EXT_REASON_BASE:
+                    ctr[q, EXT_DROP_OUT] += 1
+            elif alive:
+                live += 1
+                span[q, 1] += 1
+        if alive and live == 0:
+            meta[DROP, i] = R.NO_DEST
         r = meta[DROP, i]
         if r != 0:
             p = meta[SRC_PORT, i]

@@ -156,6 +156,7 @@ class Switch:
         self._stages: list = []
         self._egress_inject_start = None
         self._stage_of: dict[tuple[int, str], int] = {}
+        self._inject_at: dict[int, int] = {}
         self._ctx_rows = 0
         cap, md = batch_capacity, self.max_dest
         self._scratch_drop = np.zeros(cap, dtype=np.int64)
@@ -310,14 +311,20 @@ class Switch:
             self._stage_of[(id(inst.ext), direction)] = len(stages)
             stages.append(fn)
 
+        # Where a packet injected on ingress by an extension enters: right below it,
+        # wherever the extension injects from (1.6: underlying extensions see it).
+        inject_at: dict[int, int] = {}
         for inst in caps + filters:
             if hasattr(inst.ext, "ingress"):
                 add(inst, "ingress", self._make_stage(inst, "ingress", len(stages)))
+            inject_at[id(inst.ext)] = len(stages)
         if fwd is None:
             stages.append(self._builtin)
             self._egress_inject_start = None
         else:
             stages.append(self._builtin_ingress)
+            # The forwarder's own originated packets come back to it for destinations.
+            inject_at[id(fwd.ext)] = len(stages)
             if hasattr(fwd.ext, "ingress"):
                 add(fwd, "ingress", self._make_stage(fwd, "ingress", len(stages)))
             else:
@@ -330,6 +337,7 @@ class Switch:
             if hasattr(inst.ext, "egress"):
                 add(inst, "egress", self._make_stage(inst, "egress", len(stages)))
         self._stages = stages
+        self._inject_at = inject_at
 
     def _make_stage(self, inst: _Installed, direction: str, index: int):
         ext = inst.ext
@@ -460,7 +468,7 @@ class Switch:
                 return
             start = self._egress_inject_start
         else:
-            start = stage + 1
+            start = self._inject_at.get(id(ext), 0)
         self._injected.append((batch, start, path, self._depth + 1))
 
     def process(self, batch: PacketBatch) -> int:

@@ -40,9 +40,9 @@ def _frame(dmac: int, smac: int, vid: int | None, sport: int, dport: int, size: 
     return eth + ip + udp + bytes(payload_len)
 
 
-def build(seed: int = 1, frames: int = 4096):
+def build(seed: int = 1, frames: int = 4096, batch: int = 256):
     rng = random.Random(seed)
-    sw = Switch("bench", max_ports=N_PORTS)
+    sw = Switch("bench", max_ports=N_PORTS, batch_capacity=batch)
     mem = MemoryPorts(in_frames=frames + N_MACS, in_bytes=(frames + N_MACS) * 128,
                       out_frames=4096, out_bytes=1 << 18, replay=True, keep=False)
     ports = []
@@ -77,14 +77,14 @@ def build(seed: int = 1, frames: int = 4096):
     return sw, mem
 
 
-def run(seconds: float = 3.0, cpu: int | None = None) -> dict:
+def run(seconds: float = 3.0, cpu: int | None = None, batch: int = 256) -> dict:
     if cpu is None:
         cpu = max(os.sched_getaffinity(0))
     try:
         os.sched_setaffinity(0, {cpu})
     except OSError:
         cpu = None
-    sw, mem = build()
+    sw, mem = build(batch=batch)
     for _ in range(200):          # warm caches and every compiled path
         sw.poll()
     before = sw.counters.port.copy()

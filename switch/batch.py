@@ -179,7 +179,7 @@ class PacketBatch:
 
     __slots__ = ("capacity", "max_dest", "meta", "data", "n", "cursor", "view")
 
-    def __init__(self, capacity: int = CAPACITY, arena: int = ARENA,
+    def __init__(self, capacity: int = CAPACITY, arena: int | None = None,
                  max_dest: int = MAX_DEST):
         if not 1 <= capacity <= 65535:
             raise ValueError(f"batch capacity {capacity} out of range 1..65535")
@@ -188,7 +188,7 @@ class PacketBatch:
         self.capacity = capacity
         self.max_dest = max_dest
         self.meta = np.zeros((NFIELDS + max_dest, capacity + ROW_PAD), dtype=np.int64)
-        self.data = np.zeros(arena, dtype=np.uint8)
+        self.data = np.zeros(arena or capacity * 2048, dtype=np.uint8)
         # Read-only views handed to extensions that may only look (made once).
         ro_meta = self.meta.view()
         ro_meta.flags.writeable = False

@@ -51,7 +51,7 @@ BUILTIN_REASONS = {
     EXT_FAULT: "extension hook raised an error",
     INJECT_LOOP: "injection depth exceeded (extension loop)",
     TX_FULL: "destination port could not take the frame (queue full)",
-    BAD_SOURCE_MAC: "source MAC is multicast or zero",
+    BAD_SOURCE_MAC: "source MAC is multicast",
     DEST_NOT_CONNECTED: "destination NIC is not connected",
     MTU: "frame exceeds the destination port's MTU",
     STORM: "storm limit: broadcast/multicast over the per-second cap",

@@ -89,6 +89,7 @@ def forward_stage(meta, cfg, fdb, swc, n, now):
 def builtin_stage(meta, cfg, acl, fdb, swc, n, now):
     """Ingress policies -> built-in forwarding -> egress policies, for the whole batch."""
     now_s = now // 1000000000
+    has_acl = acl.shape[0] > 0
     for i in range(n):
         if meta[DROP, i] != 0:
             continue
@@ -98,7 +99,8 @@ def builtin_stage(meta, cfg, acl, fdb, swc, n, now):
         if r != 0:
             meta[DROP, i] = r
             continue
-        egress_policies(meta, cfg, acl, i, True)
-        if all_excluded(meta, i):
-            meta[DROP, i] = R.NO_DEST
+        if has_acl:      # without ACLs built-in forwarding excludes nothing on egress
+            egress_policies(meta, cfg, acl, i, True)
+            if all_excluded(meta, i):
+                meta[DROP, i] = R.NO_DEST
 

@@ -19,62 +19,52 @@ from .batch import (D_EXCLUDED, D_PORT_MASK, D_PRESERVE_PRIO, D_PRESERVE_VLAN,
                     D_REASON_SHIFT, D_TAG_SHIFT, D_TAGGED, DPORT, DROP, DST0, F_BCAST,
                     F_ICMP, F_ICMP6, F_MCAST, F_QINQ, F_UDP, F_VLAN, FLAGS, ICMP_TYPE, NDST,
                     SMAC, SPORT, SRC_PORT, TCI, VLAN)
-from .properties import (ACL_DENY, C_ACL_END, C_ACL_START, C_ALLOW_SPOOF, C_DHCP_GUARD,
-                         C_EXISTS, C_MAC, C_NATIVE_VLAN, C_ROUTER_GUARD, C_STORM,
-                         C_STORM_COUNT, C_STORM_WINDOW, C_VBITS, C_VLAN_MODE,
-                         C_ACCESS_VLAN, DIR_INBOUND, DIR_OUTBOUND, VLAN_ACCESS, VLAN_TRUNK)
+from .properties import (ACL_DENY, C_ACL_END, C_ACL_START, C_EXISTS, C_GUARDS, C_SPOOF_MAC,
+                         C_STORM, C_STORM_COUNT, C_STORM_WINDOW, C_TRUNK, C_UNTAG_VLAN,
+                         C_VBITS, DIR_INBOUND, DIR_OUTBOUND, G_DHCP, G_ROUTER, G_STORM)
 
 NOT_MEMBER = -2
 UNTAGGED = -1
 
 
 @njit(inline="always", cache=True)
-def _trunk_allows(cfg, port, vid):
-    w = vid >> 6
-    b = vid & 63
-    allowed = (cfg[port, C_VBITS + w] >> b) & 1
-    pruned = (cfg[port, C_VBITS + 64 + w] >> b) & 1
-    return allowed == 1 and pruned == 0     # prune beats allow (A.27)
+def _carried_tagged(cfg, port, vid):
+    return ((cfg[port, C_VBITS + (vid >> 6)] >> (vid & 63)) & 1) == 1
 
 
 @njit(inline="always", cache=True)
 def vlan_classify(cfg, meta, i, port):
-    """VLAN a frame from ``port`` belongs to, or -1 if the port may not send it."""
+    """VLAN a frame from ``port`` belongs to, or -1 if the port may not send it.
+
+    Untagged and priority-tagged frames belong to the port's untagged VLAN (the
+    access VLAN, a trunk's native VLAN, or 0). Tagged frames only come in on
+    trunks, for the native VLAN or a VLAN the trunk carries (prune beats allow)."""
     vid = meta[TCI, i] & 0xFFF if meta[FLAGS, i] & F_VLAN else 0
-    mode = cfg[port, C_VLAN_MODE]
-    if mode == VLAN_TRUNK:
-        if vid == 0:
-            return cfg[port, C_NATIVE_VLAN]        # untagged from a trunk = native VLAN
-        if vid == cfg[port, C_NATIVE_VLAN] or _trunk_allows(cfg, port, vid):
-            return vid
-        return -1
-    if vid != 0:
-        return -1                                  # access/untagged ports send untagged only
-    if mode == VLAN_ACCESS:
-        return cfg[port, C_ACCESS_VLAN]
-    return 0
+    untag = cfg[port, C_UNTAG_VLAN]
+    if vid == 0:
+        return untag
+    if cfg[port, C_TRUNK] == 1 and (vid == untag or _carried_tagged(cfg, port, vid)):
+        return vid
+    return -1
 
 
 @njit(inline="always", cache=True)
 def vlan_egress(cfg, port, vlan):
-    """How ``port`` receives VLAN ``vlan``: NOT_MEMBER, UNTAGGED, or the VID to tag with."""
-    mode = cfg[port, C_VLAN_MODE]
-    if mode == VLAN_TRUNK:
-        if vlan == cfg[port, C_NATIVE_VLAN]:
-            return UNTAGGED                        # native VLAN leaves untagged (A.27)
-        if vlan != 0 and _trunk_allows(cfg, port, vlan):
-            return vlan
-        return NOT_MEMBER
-    if mode == VLAN_ACCESS:
-        return UNTAGGED if vlan == cfg[port, C_ACCESS_VLAN] else NOT_MEMBER
-    return UNTAGGED if vlan == 0 else NOT_MEMBER
+    """How ``port`` receives VLAN ``vlan``: NOT_MEMBER, UNTAGGED, or the VID to tag with
+    (A.27: the native VLAN leaves a trunk untagged, access ports get frames untagged)."""
+    if vlan == cfg[port, C_UNTAG_VLAN]:
+        return UNTAGGED
+    if vlan != 0 and _carried_tagged(cfg, port, vlan):
+        return vlan
+    return NOT_MEMBER
 
 
 @njit(inline="always", cache=True)
 def tag_word(meta, i, vid):
-    """Destination flag bits that put VID ``vid`` (with the frame's priority) on the wire."""
-    pcp = (meta[TCI, i] >> 13) & 7 if meta[FLAGS, i] & F_VLAN else 0
-    return D_TAGGED | (((pcp << 13) | vid) << D_TAG_SHIFT)
+    """Destination flag bits that put VID ``vid`` on the wire, keeping the priority and
+    DEI bits the frame arrived with."""
+    pri = meta[TCI, i] & 0xF000 if meta[FLAGS, i] & F_VLAN else 0
+    return D_TAGGED | ((pri | vid) << D_TAG_SHIFT)
 
 
 @njit(inline="always", cache=True)
@@ -98,25 +88,28 @@ def ingress_policies(meta, cfg, acl, i, now_s, standard):
         if v < 0:
             return R.VLAN_INGRESS
         meta[VLAN, i] = v
-        if cfg[p, C_ALLOW_SPOOF] == 0 and cfg[p, C_MAC] != 0 and meta[SMAC, i] != cfg[p, C_MAC]:
+        m = cfg[p, C_SPOOF_MAC]
+        if m >= 0 and meta[SMAC, i] != m:
             return R.MAC_SPOOF
-        if cfg[p, C_STORM] > 0 and fl & (F_BCAST | F_MCAST):
+    else:
+        meta[VLAN, i] = meta[TCI, i] & 0xFFF if fl & F_VLAN else 0
+    g = cfg[p, C_GUARDS]
+    if g != 0:
+        if standard and g & G_STORM and fl & (F_BCAST | F_MCAST):
             if cfg[p, C_STORM_WINDOW] != now_s:
                 cfg[p, C_STORM_WINDOW] = now_s
                 cfg[p, C_STORM_COUNT] = 0
             cfg[p, C_STORM_COUNT] += 1
             if cfg[p, C_STORM_COUNT] > cfg[p, C_STORM]:
                 return R.STORM
-    else:
-        meta[VLAN, i] = meta[TCI, i] & 0xFFF if fl & F_VLAN else 0
-    if cfg[p, C_DHCP_GUARD] and fl & F_UDP and (meta[SPORT, i] == 67 or meta[SPORT, i] == 547):
-        return R.DHCP_GUARD
-    if cfg[p, C_ROUTER_GUARD]:
-        t = meta[ICMP_TYPE, i]
-        if fl & F_ICMP6 and (t == 134 or t == 137):       # RA, redirect
-            return R.ROUTER_GUARD
-        if fl & F_ICMP and (t == 5 or t == 9):            # redirect, router advertisement
-            return R.ROUTER_GUARD
+        if g & G_DHCP and fl & F_UDP and (meta[SPORT, i] == 67 or meta[SPORT, i] == 547):
+            return R.DHCP_GUARD
+        if g & G_ROUTER:
+            t = meta[ICMP_TYPE, i]
+            if fl & F_ICMP6 and (t == 134 or t == 137):       # RA, redirect
+                return R.ROUTER_GUARD
+            if fl & F_ICMP and (t == 5 or t == 9):            # redirect, router advertisement
+                return R.ROUTER_GUARD
     s, e = cfg[p, C_ACL_START], cfg[p, C_ACL_END]
     if e > s and acl_decide(acl, s, e, DIR_OUTBOUND, meta, i) == ACL_DENY:
         return R.ACL_OUTBOUND

@@ -216,8 +216,19 @@ C_STORM = 13
 C_STORM_WINDOW = 14   # start (s) of the current one-second storm window
 C_STORM_COUNT = 15
 C_EXISTS = 16         # port created and not yet deleted
-C_VBITS = 32          # 64 words of trunk-allowed VLAN bits, then 64 of pruned ones
+# Derived columns the kernels read, so each decision is one test, not a tree of
+# mode checks (random traffic makes every branch a misprediction).
+C_UNTAG_VLAN = 17     # VLAN of untagged frames in, and the VLAN that leaves untagged
+C_TRUNK = 18          # 1: tagged frames accepted for C_UNTAG_VLAN and the VBITS set
+C_SPOOF_MAC = 19      # source MAC a port must use, or -1 when any is allowed
+C_GUARDS = 20         # G_* bits: which per-packet guards are on
+C_VBITS = 32          # 64 words: VLANs carried tagged (allowed, not pruned, not native);
+#                       then 64 words of the pruned VLANs as configured
 NCFG = C_VBITS + 128
+
+G_DHCP = 1
+G_ROUTER = 2
+G_STORM = 4
 
 
 class PortTable:
@@ -229,20 +240,25 @@ class PortTable:
 
     def set_vlan(self, port_id: int, prop: VlanProperty | None) -> None:
         c = self.cfg[port_id]
-        bits = np.zeros(128, dtype=np.int64)
+        u = np.zeros(128, dtype=np.uint64)
+        c[C_TRUNK] = 0
         if prop is None or prop.mode == "untagged":
             c[C_VLAN_MODE], c[C_ACCESS_VLAN], c[C_NATIVE_VLAN] = VLAN_NONE, 0, 0
+            c[C_UNTAG_VLAN] = 0
         elif prop.mode == "access":
             c[C_VLAN_MODE], c[C_ACCESS_VLAN], c[C_NATIVE_VLAN] = VLAN_ACCESS, prop.access_vlan, 0
+            c[C_UNTAG_VLAN] = prop.access_vlan
         else:
             c[C_VLAN_MODE], c[C_ACCESS_VLAN], c[C_NATIVE_VLAN] = VLAN_TRUNK, 0, prop.native_vlan
-            u = np.zeros(128, dtype=np.uint64)
-            for v in prop.allowed:
-                u[v >> 6] |= np.uint64(1) << np.uint64(v & 63)
-            for v in prop.pruned:
+            c[C_UNTAG_VLAN] = prop.native_vlan
+            c[C_TRUNK] = 1
+            pruned = set(prop.pruned)
+            for v in prop.allowed:         # prune beats allow; native leaves untagged
+                if v not in pruned and v != prop.native_vlan:
+                    u[v >> 6] |= np.uint64(1) << np.uint64(v & 63)
+            for v in pruned:
                 u[64 + (v >> 6)] |= np.uint64(1) << np.uint64(v & 63)
-            bits = u.view(np.int64)
-        self.cfg[port_id, C_VBITS:] = bits
+        self.cfg[port_id, C_VBITS:] = u.view(np.int64)
 
     def set_security(self, port_id: int, prop: SecurityProperty | None) -> None:
         prop = prop or SecurityProperty()
@@ -251,6 +267,19 @@ class PortTable:
         c[C_DHCP_GUARD] = int(prop.dhcp_guard)
         c[C_ROUTER_GUARD] = int(prop.router_guard)
         c[C_STORM] = int(prop.storm_limit)
+        self.derive(port_id)
+
+    def set_mac(self, port_id: int, mac: int, allow_spoofing: bool | None = None) -> None:
+        if allow_spoofing is not None:
+            self.cfg[port_id, C_ALLOW_SPOOF] = int(allow_spoofing)
+        self.cfg[port_id, C_MAC] = mac
+        self.derive(port_id)
+
+    def derive(self, port_id: int) -> None:
+        c = self.cfg[port_id]
+        c[C_SPOOF_MAC] = -1 if c[C_ALLOW_SPOOF] or c[C_MAC] == 0 else c[C_MAC]
+        c[C_GUARDS] = ((G_DHCP if c[C_DHCP_GUARD] else 0) | (G_ROUTER if c[C_ROUTER_GUARD] else 0)
+                       | (G_STORM if c[C_STORM] > 0 else 0))
 
     def set_acl(self, port_id: int, prop: AclProperty | None) -> None:
         rules = prop.rules if prop else ()
@@ -275,5 +304,6 @@ class PortTable:
 
     def clear(self, port_id: int) -> None:
         self.cfg[port_id] = 0
+        self.derive(port_id)
         if self._acl_rows.pop(port_id, None) is not None:
             self._rebuild_acl()

@@ -36,7 +36,7 @@ from .policy import egress_stage, ingress_stage
 from .port import (DEFAULT_PORT_ID, MAX_NIC_INDEX, LifecycleError, Nic, NicState,
                    ObjectReferenced, Port, PortState, PortType, mac_to_int)
 from .portkind import PortKind
-from .properties import (C_ALLOW_SPOOF, C_EXISTS, C_MAC, C_MTU, C_NIC_CONNECTED,
+from .properties import (C_EXISTS, C_MTU, C_NIC_CONNECTED,
                          C_NIC_PRESENT, C_TYPE, AclProperty, CustomProperty, PortTable,
                          SecurityProperty, VlanProperty, property_key)
 
@@ -639,9 +639,8 @@ class Switch:
             if type == PortType.EXTERNAL:
                 # The uplink trunks every VLAN; untagged frames are VLAN 0.
                 self.port_table.set_vlan(pid, VlanProperty("trunk", allowed=tuple(range(1, 4095))))
-                cfg[C_ALLOW_SPOOF] = 1
-            elif type == PortType.INTERNAL:
-                cfg[C_ALLOW_SPOOF] = 1
+            # The host's own adapters are trusted with any source MAC.
+            self.port_table.set_mac(pid, 0, type in (PortType.EXTERNAL, PortType.INTERNAL))
             self.counters.clear_port(pid)
             if kind is not None:
                 self.add_kind(kind)
@@ -714,7 +713,7 @@ class Switch:
             if index == 0:
                 cfg[C_MTU] = mtu
                 if p.type in (PortType.SYNTHETIC, PortType.EMULATED):
-                    cfg[C_MAC] = m
+                    self.port_table.set_mac(p.port_id, m)
         return nic
 
     def connect_nic(self, port, index: int = 0) -> None:
@@ -749,7 +748,7 @@ class Switch:
             cfg = self.port_table.cfg[p.port_id]
             cfg[C_MTU] = nic.mtu
             if p.type in (PortType.SYNTHETIC, PortType.EMULATED):
-                cfg[C_MAC] = nic.permanent_mac
+                self.port_table.set_mac(p.port_id, nic.permanent_mac)
 
     def disconnect_nic(self, port, index: int = 0) -> None:
         p = self._port(port)
@@ -817,7 +816,7 @@ class Switch:
         elif key[0] == "SecurityProperty":
             pt.set_security(p.port_id, prop)
             if prop is None and p.type in (PortType.EXTERNAL, PortType.INTERNAL):
-                pt.cfg[p.port_id, C_ALLOW_SPOOF] = 1
+                pt.set_mac(p.port_id, 0, True)
         elif key[0] == "AclProperty":
             pt.set_acl(p.port_id, prop)
 

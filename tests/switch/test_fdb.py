@@ -17,6 +17,8 @@ def _lookup(t, k, now):
     return fdb_lookup(t, k, now)
 
 
+REFRESH = min(100_000_000, 300_000_000 >> 6)
+
 ops = st.lists(st.tuples(st.sampled_from(["learn", "lookup", "age", "flush", "tick"]),
                          st.integers(1, 60), st.integers(1, 5)), max_size=300)
 
@@ -24,20 +26,22 @@ ops = st.lists(st.tuples(st.sampled_from(["learn", "lookup", "age", "flush", "ti
 @settings(max_examples=150, deadline=None)
 @given(ops)
 def test_fdb_matches_a_dict(seq):
-    age = 100
+    age = 300_000_000
     f = Fdb(capacity=64, age_s=age / 1e9)   # tiny table: collisions, wrap-around, full
     model: dict[int, tuple[int, int]] = {}
     now = 1000
     for op, key, val in seq:
         if op == "tick":
-            now += key * 3
+            now += key * 7_000_000
         elif op == "learn":
             r = _learn(f.table, key, val, now)
             if r == -1:
                 assert len(model) * 4 >= 64 * 3 and key not in model
             else:
                 assert r == (1 if key not in model else 2 if model[key][0] != val else 0)
-                model[key] = (val, now)
+                # the table refreshes a known entry's time at most every 100 ms
+                ts = now if key not in model or now - model[key][1] > REFRESH else model[key][1]
+                model[key] = (val, ts)
         elif op == "lookup":
             v, purged = _lookup(f.table, key, now)
             if key in model and now - model[key][1] <= age:

@@ -13,15 +13,15 @@ first, first match wins, no match passes.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from switch.acl import acl_decide
 from switch.batch import DROP
 from switch.extension import FilterExtension
 from switch.properties import ACL_DENY, DIR_OUTBOUND, A_NCOLS, AclRule
+from switch.kernel import kernel
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def acl_filter_kernel(meta, drop, n, table, reason):
     for i in range(n):
         if meta[DROP, i] != 0:

@@ -13,14 +13,14 @@ into ``act.dests``/``act.ndst``.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from switch.batch import D_PRESERVE_VLAN, DMAC, DROP, SRC_PORT, dest_make
 from switch.extension import ForwardingExtension
 from switch.port import NicState, mac_to_int
+from switch.kernel import kernel
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def flow_kernel(meta, drop, dests, ndst, n, macs, outs, nouts, connected, reason):
     for i in range(n):
         if meta[DROP, i] != 0:

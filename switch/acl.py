@@ -7,18 +7,18 @@ Stateful rules are not implemented yet: a rule is allow or deny.
 """
 from __future__ import annotations
 
-from numba import njit
 
 from .batch import (DPORT, DST_HI, DST_LO, F_FRAG_LATER, F_IPV4, F_IPV6, F_TCP, F_UDP,
                     FLAGS, PROTO, SPORT, SRC_HI, SRC_LO)
 from .properties import (A_ACTION, A_DIR, A_FAMILY, A_LHI, A_LLO, A_LPLEN, A_LPORT_HI,
                          A_LPORT_LO, A_PROTO, A_RHI, A_RLO, A_RPLEN, A_RPORT_HI,
                          A_RPORT_LO, DIR_INBOUND)
+from .kernel import helper
 
 NO_MATCH = 0
 
 
-@njit(inline="always", cache=True)
+@helper
 def _prefix_match(fam, hi, lo, nhi, nlo, plen):
     if plen == 0:
         return True
@@ -36,7 +36,7 @@ def _prefix_match(fam, hi, lo, nhi, nlo, plen):
     return (lo >> s) == (nlo >> s)
 
 
-@njit(inline="always", cache=True)
+@helper
 def acl_decide(acl, start, end, direction, meta, i):
     """First matching rule's action for packet ``i`` in ``acl[start:end]``, or NO_MATCH."""
     fl = meta[FLAGS, i]

@@ -17,9 +17,10 @@ destination array).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from .kernel import kernel, helper
 
 CAPACITY = 256          # packets per batch
 MAX_DEST = 64           # destination slots per packet (NumElements of the array)
@@ -124,32 +125,32 @@ D_REASON_SHIFT = 32             # bits 32-47: why it was excluded
 D_TAG_SHIFT = 48                # bits 48-63: TCI to put on the wire
 
 
-@njit(inline="always", cache=True)
+@helper
 def dest_make(port, nic, flags):
     return (port & D_PORT_MASK) | ((nic & 0xFF) << D_NIC_SHIFT) | flags
 
 
-@njit(inline="always", cache=True)
+@helper
 def dest_port(d):
     return d & D_PORT_MASK
 
 
-@njit(inline="always", cache=True)
+@helper
 def dest_nic(d):
     return (d >> D_NIC_SHIFT) & 0xFF
 
 
-@njit(inline="always", cache=True)
+@helper
 def dest_excluded(d):
     return (d & D_EXCLUDED) != 0
 
 
-@njit(inline="always", cache=True)
+@helper
 def dest_reason(d):
     return (d >> D_REASON_SHIFT) & 0xFFFF
 
 
-@njit(inline="always", cache=True)
+@helper
 def dest_tag(d):
     """TCI to put on the wire for this destination, or -1 for untagged."""
     if d & D_TAGGED:
@@ -242,7 +243,7 @@ def _memcpy(typingctx, dst, doff, src, soff, n):
     return sig, codegen
 
 
-@njit(inline="always", cache=True)
+@helper
 def copy_bytes(dst, do, src, so, n):
     """dst[do:do+n] = src[so:so+n] for non-overlapping ranges the caller has bounds-checked.
 
@@ -252,7 +253,7 @@ def copy_bytes(dst, do, src, so, n):
         _memcpy(dst, do, src, so, n)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def fill_from_flat(meta, data, n, cursor, flat, lens, src_port, src_nic):
     """Append frames stored back to back in ``flat``; stop when the batch or arena is full."""
     cap = meta.shape[1] - ROW_PAD

@@ -7,12 +7,12 @@ processed, not in the packet).
 """
 from __future__ import annotations
 
-from numba import njit
 
 from .batch import ROW_PAD, copy_bytes, ALIGN, DST0, F_CLONE, F_SAFE, FLAGS, LEN, NDST, NFIELDS, OFF, SAFE_LEN
+from .kernel import kernel
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def clone_into(meta, data, out_meta, out_data, idx, keep_destinations):
     cap = out_meta.shape[1] - ROW_PAD
     maxd = min(meta.shape[0], out_meta.shape[0]) - DST0

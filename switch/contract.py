@@ -14,7 +14,6 @@ Rules are numbered as in vswitch_vmq_sriov.md checklist (A).
 """
 from __future__ import annotations
 
-from numba import njit
 
 from . import counters as R
 from .batch import (D_EXCLUDED, D_NIC_SHIFT, D_PORT_MASK, D_PRESERVE_PRIO,
@@ -22,6 +21,7 @@ from .batch import (D_EXCLUDED, D_NIC_SHIFT, D_PORT_MASK, D_PRESERVE_PRIO,
 from .policy import all_excluded
 from .port import PortType
 from .properties import C_NIC_CONNECTED, C_TYPE
+from .kernel import kernel
 
 _EXTERNAL = int(PortType.EXTERNAL)
 
@@ -76,13 +76,13 @@ V_BAD_FLAGS = 32     # destination flags other than PreserveVLAN/PreservePriorit
 V_REASONED = 64      # marker: an exclusion was set (not a violation)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def prefill_drop(meta, drop, n):
     for i in range(n):
         drop[i] = meta[DROP, i]
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def merge_drop(meta, drop, n, code_lo, code_hi):
     """Apply a filter's drop verdicts. Returns the V_* bits of what was wrong."""
     bad = 0
@@ -102,7 +102,7 @@ def merge_drop(meta, drop, n, code_lo, code_hi):
     return bad
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def prefill_exclude(meta, drop, excl, n):
     """Current drop state and per-destination exclusion reasons (0 = not excluded)."""
     for i in range(n):
@@ -112,7 +112,7 @@ def prefill_exclude(meta, drop, excl, n):
             excl[k, i] = (d >> D_REASON_SHIFT) & 0xFFFF if d & D_EXCLUDED else 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def merge_exclude(meta, drop, excl, n, code_lo, code_hi):
     """Apply egress drops and exclusions; enforce A.6 and A.7."""
     bad = merge_drop(meta, drop, n, code_lo, code_hi)
@@ -137,14 +137,14 @@ def merge_exclude(meta, drop, excl, n, code_lo, code_hi):
     return bad
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def prepare_forward(meta, drop, ndst, n):
     for i in range(n):
         drop[i] = meta[DROP, i]
         ndst[i] = 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def merge_forward(meta, cfg, drop, dests, ndst, n, code_lo, code_hi):
     """Commit the forwarder's destinations after checking each one (1.5, A.5, A.19)."""
     bad = merge_drop(meta, drop, n, code_lo, code_hi)
@@ -195,7 +195,7 @@ def merge_forward(meta, cfg, drop, dests, ndst, n, code_lo, code_hi):
     return bad
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def drop_live(meta, n, reason):
     """Drop every packet still alive (a hook failed for the whole batch)."""
     c = 0
@@ -206,7 +206,7 @@ def drop_live(meta, n, reason):
     return c
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def count_nonzero(arr, n):
     c = 0
     for i in range(n):

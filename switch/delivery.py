@@ -12,7 +12,6 @@ vswitch_vmq_sriov.md 1.4 (protocol edge), 1.5 (ReportFilteredNetBufferLists),
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from . import counters as R
 from .batch import (copy_bytes, D_EXCLUDED, D_PORT_MASK, D_REASON_SHIFT, D_TAGGED, DROP, DST0,
@@ -21,6 +20,7 @@ from .counters import (DROP_IN, DROP_OUT, EXT_DROP_IN, EXT_DROP_OUT, EXT_REASON_
                        RX_BCAST, RX_BYTES, RX_MCAST, RX_PKTS, TX_BCAST, TX_BYTES, TX_MCAST,
                        TX_PKTS)
 from .parse import parse_one
+from .kernel import kernel, helper
 
 PLAN_PKT = 0
 PLAN_DEST = 1
@@ -35,7 +35,7 @@ class DeliveryPlan:
         self.total = 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def edge_ingress(meta, data, ctr, start, n):
     for i in range(start, n):
         meta[DROP, i] = 0
@@ -54,7 +54,7 @@ def edge_ingress(meta, data, ctr, start, n):
             meta[DROP, i] = R.RUNT
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def finalize(meta, ctr, drop_in, drop_out, plan, span, n):
     span[:, 0] = 0
     span[:, 1] = 0
@@ -112,7 +112,7 @@ def finalize(meta, ctr, drop_in, drop_out, plan, span, n):
     return pos
 
 
-@njit(inline="always", cache=True)
+@helper
 def emit_frame(out, pos, data, off, ln, d):
     """Copy a frame to ``out[pos:]`` as the destination receives it: with the 802.1Q
     tag the switch decided on (D_TAGGED), else untagged. Returns the bytes written;

@@ -10,9 +10,9 @@ performance counters (vswitch_vmq_sriov.md 2.7; Msvm_DynamicForwardingEntry).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from .port import mac_to_str
+from .kernel import kernel, helper
 
 KEY = 0     # (mac << 12 | vlan) + 1; 0 = empty slot
 VAL = 1     # port | nic << 16
@@ -48,13 +48,13 @@ class Fdb:
         return fdb_flush_port(self.table, port_id)
 
 
-@njit(inline="always", cache=True)
+@helper
 def _slot(key, mask):
     h = key * -7046029254386353131  # 0x9E3779B97F4A7C15 as int64; wraps like uint64
     return (h >> 20) & mask
 
 
-@njit(inline="always", cache=True)
+@helper
 def fdb_find(table, key):
     """Slot of ``key`` (already +1) or -1."""
     mask = (table.shape[0] - 1) - 1
@@ -69,7 +69,7 @@ def fdb_find(table, key):
     return -1
 
 
-@njit(inline="always", cache=True)
+@helper
 def fdb_delete_slot(table, s):
     """Backward-shift deletion for linear probing."""
     mask = (table.shape[0] - 1) - 1
@@ -97,7 +97,7 @@ def fdb_delete_slot(table, s):
         s = j
 
 
-@njit(inline="always", cache=True)
+@helper
 def fdb_lookup(table, key, now):
     """Value for ``key`` or -1; an aged entry is purged here. Returns (value, purged)."""
     s = fdb_find(table, key)
@@ -109,7 +109,7 @@ def fdb_lookup(table, key, now):
     return table[s, VAL], 0
 
 
-@njit(inline="always", cache=True)
+@helper
 def fdb_learn(table, key, val, now):
     """Insert or refresh. Returns 1 learned, 2 moved, 0 refreshed, -1 table full."""
     mask = (table.shape[0] - 1) - 1
@@ -140,7 +140,7 @@ def fdb_learn(table, key, val, now):
     return -1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def fdb_age(table, now):
     """Purge every entry older than the ageing time. Returns how many."""
     purged = 0
@@ -154,7 +154,7 @@ def fdb_age(table, now):
     return purged
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def fdb_flush_port(table, port):
     n = 0
     s = 0

@@ -11,7 +11,6 @@ between them.
 """
 from __future__ import annotations
 
-from numba import njit
 
 from . import counters as R
 from .batch import DMAC, DROP, DST0, F_MCAST, FLAGS, NDST, SMAC, SRC_NIC, SRC_PORT, VLAN
@@ -19,9 +18,10 @@ from .counters import SW_FLOODED, SW_LEARNED, SW_MOVED, SW_PURGED
 from .fdb import fdb_learn, fdb_lookup
 from .policy import all_excluded, NOT_MEMBER, UNTAGGED, egress_policies, ingress_policies, tag_word, vlan_egress
 from .properties import C_NIC_PRESENT
+from .kernel import kernel, helper
 
 
-@njit(inline="always", cache=True)
+@helper
 def _add_dest(meta, i, q, how, maxd):
     k = meta[NDST, i]
     if k >= maxd:
@@ -34,7 +34,7 @@ def _add_dest(meta, i, q, how, maxd):
     return True
 
 
-@njit(inline="always", cache=True)
+@helper
 def forward_one(meta, cfg, fdb, swc, i, now):
     """Compute packet ``i``'s destinations. Returns a drop reason or 0."""
     p = meta[SRC_PORT, i]
@@ -78,14 +78,14 @@ def forward_one(meta, cfg, fdb, swc, i, now):
     return 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def forward_stage(meta, cfg, fdb, swc, n, now):
     for i in range(n):
         if meta[DROP, i] == 0:
             meta[DROP, i] = forward_one(meta, cfg, fdb, swc, i, now)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def builtin_stage(meta, cfg, acl, fdb, swc, n, now):
     """Ingress policies -> built-in forwarding -> egress policies, for the whole batch."""
     now_s = now // 1000000000

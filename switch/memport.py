@@ -13,13 +13,13 @@ rather than kept (a sink that still copies every frame).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from . import counters as R
 from .batch import ALIGN, ROW_PAD, copy_bytes, DROP, F_SAFE, FLAGS, GSO_SIZE, GSO_TYPE, LEN, NDST, OFF, SAFE_LEN, \
     SRC_NIC, SRC_PORT, TCI, CSUM_OFF, CSUM_START
 from .delivery import emit_frame
 from .portkind import PortKind
+from .kernel import kernel
 
 Q_PORT, Q_OFF, Q_LEN = 0, 1, 2
 
@@ -96,7 +96,7 @@ class MemoryPorts(PortKind):
         return int(self.state[3])
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _enqueue(inq, indata, state, flat, lens, pid):
     pos = 0
     got = 0
@@ -117,7 +117,7 @@ def _enqueue(inq, indata, state, flat, lens, pid):
     return got
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _dequeue(inq, indata, state, meta, data):
     cap = meta.shape[1] - ROW_PAD
     cursor = 0
@@ -158,7 +158,7 @@ def _dequeue(inq, indata, state, meta, data):
     return n, cursor
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _transmit(meta, data, plan, span, port_ids, outq, outdata, state, ctr, drop_out):
     keep = state[6]
     for pi in range(port_ids.shape[0]):

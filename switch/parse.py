@@ -15,7 +15,6 @@ F_BAD_LEN) and parsing stops at the bad header; nothing is ever read outside
 """
 from __future__ import annotations
 
-from numba import njit
 
 from .batch import (ARP_OP, ARP_SHA, ARP_SPA, ARP_TPA, CTAG, DMAC, DPORT, DST_HI,
                     DST_LO, ETYPE, F_ARP, F_BAD_IHL, F_BAD_LEN, F_BCAST, F_FRAG,
@@ -24,6 +23,7 @@ from .batch import (ARP_OP, ARP_SHA, ARP_SPA, ARP_TPA, CTAG, DMAC, DPORT, DST_HI
                     F_VLAN, FLAGS, ICMP_CODE, ICMP_TYPE, L3OFF, L4OFF, LEN, OFF,
                     PAYOFF, PROTO, SAFE_LEN, SMAC, SPORT, SRC_HI, SRC_LO, STAG, TCI,
                     TCPFL, TOS, TTL, VLAN)
+from .kernel import kernel, helper
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
@@ -48,41 +48,41 @@ _PARSE_FLAGS = (F_QINQ | F_QINQ_C | F_ARP | F_IPV4 | F_IPV6 | F_TCP | F_UDP | F_
                 | F_MCAST | F_TRUNC | F_BAD_IHL | F_BAD_LEN | F_RUNT)
 
 
-@njit(inline="always", cache=True)
+@helper
 def _be16(d, p):
     return (np_int(d[p]) << 8) | np_int(d[p + 1])
 
 
-@njit(inline="always", cache=True)
+@helper
 def _be32(d, p):
     return ((np_int(d[p]) << 24) | (np_int(d[p + 1]) << 16) | (np_int(d[p + 2]) << 8)
             | np_int(d[p + 3]))
 
 
-@njit(inline="always", cache=True)
+@helper
 def _be48(d, p):
     return (_be16(d, p) << 32) | _be32(d, p + 2)
 
 
-@njit(inline="always", cache=True)
+@helper
 def _be64(d, p):
     return (_be32(d, p) << 32) | _be32(d, p + 4)
 
 
-@njit(inline="always", cache=True)
+@helper
 def np_int(x):
     # uint8 -> int64 before shifting, so arithmetic never turns into float.
     return int(x)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def parse_batch(meta, data, start, stop):
     """Parse packets ``start..stop-1`` of the batch in place."""
     for i in range(start, stop):
         parse_one(meta, data, i)
 
 
-@njit(inline="always", cache=True)
+@helper
 def _clear_fields(meta, i):
     meta[DMAC, i] = 0
     meta[SMAC, i] = 0
@@ -111,14 +111,15 @@ def _clear_fields(meta, i):
     meta[VLAN, i] = 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def parse_one(meta, data, i):
     _clear_fields(meta, i)
     fl = meta[FLAGS, i] & ~_PARSE_FLAGS
     base = meta[OFF, i]
     ln = meta[LEN, i]
     # The frame must lie inside the arena: a corrupt OFF/LEN is a runt, not a read.
-    if base < 0 or ln < 0 or base + ln > data.shape[0]:
+    # (written so that no sum can overflow int64 on a corrupt OFF/LEN)
+    if base < 0 or ln < 0 or base > data.shape[0] or ln > data.shape[0] - base:
         meta[FLAGS, i] = fl | F_RUNT | F_TRUNC
         return
     if ln < 14:
@@ -296,7 +297,7 @@ def parse_one(meta, data, i):
     meta[FLAGS, i] = fl
 
 
-@njit(inline="always", cache=True)
+@helper
 def _parse_l4(meta, data, i, base, l4, end, proto, fl, v6):
     meta[L4OFF, i] = l4
     if proto == IPPROTO_TCP:

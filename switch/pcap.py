@@ -9,15 +9,15 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-from numba import njit
 
 from .batch import copy_bytes, DROP, F_VLAN, FLAGS, LEN, OFF, TCI
+from .kernel import kernel, helper
 
 LINKTYPE_ETHERNET = 1
 HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, LINKTYPE_ETHERNET)
 
 
-@njit(inline="always", cache=True)
+@helper
 def _le32(buf, p, v):
     buf[p] = v & 0xFF
     buf[p + 1] = (v >> 8) & 0xFF
@@ -25,7 +25,7 @@ def _le32(buf, p, v):
     buf[p + 3] = (v >> 24) & 0xFF
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def pcap_records(meta, data, n, out, ts_ns, snaplen, live_only):
     """Write pcap records for the batch into ``out``; returns (bytes used, records)."""
     pos = 0

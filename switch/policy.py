@@ -11,7 +11,6 @@ A.15, A.27-A.30.
 """
 from __future__ import annotations
 
-from numba import njit
 
 from . import counters as R
 from .acl import acl_decide
@@ -22,17 +21,18 @@ from .batch import (D_EXCLUDED, D_PORT_MASK, D_PRESERVE_PRIO, D_PRESERVE_VLAN,
 from .properties import (ACL_DENY, C_ACL_END, C_ACL_START, C_EXISTS, C_GUARDS, C_SPOOF_MAC,
                          C_STORM, C_STORM_COUNT, C_STORM_WINDOW, C_TRUNK, C_UNTAG_VLAN,
                          C_VBITS, DIR_INBOUND, DIR_OUTBOUND, G_DHCP, G_ROUTER, G_STORM)
+from .kernel import kernel, helper
 
 NOT_MEMBER = -2
 UNTAGGED = -1
 
 
-@njit(inline="always", cache=True)
+@helper
 def _carried_tagged(cfg, port, vid):
     return ((cfg[port, C_VBITS + (vid >> 6)] >> (vid & 63)) & 1) == 1
 
 
-@njit(inline="always", cache=True)
+@helper
 def vlan_classify(cfg, meta, i, port):
     """VLAN a frame from ``port`` belongs to, or -1 if the port may not send it.
 
@@ -48,7 +48,7 @@ def vlan_classify(cfg, meta, i, port):
     return -1
 
 
-@njit(inline="always", cache=True)
+@helper
 def vlan_egress(cfg, port, vlan):
     """How ``port`` receives VLAN ``vlan``: NOT_MEMBER, UNTAGGED, or the VID to tag with
     (A.27: the native VLAN leaves a trunk untagged, access ports get frames untagged)."""
@@ -59,7 +59,7 @@ def vlan_egress(cfg, port, vlan):
     return NOT_MEMBER
 
 
-@njit(inline="always", cache=True)
+@helper
 def tag_word(meta, i, vid):
     """Destination flag bits that put VID ``vid`` on the wire, keeping the priority and
     DEI bits the frame arrived with."""
@@ -67,7 +67,7 @@ def tag_word(meta, i, vid):
     return D_TAGGED | ((pri | vid) << D_TAG_SHIFT)
 
 
-@njit(inline="always", cache=True)
+@helper
 def ingress_policies(meta, cfg, acl, i, now_s, standard):
     """Built-in ingress policies for packet ``i``; returns a drop reason or 0.
 
@@ -116,7 +116,7 @@ def ingress_policies(meta, cfg, acl, i, now_s, standard):
     return 0
 
 
-@njit(inline="always", cache=True)
+@helper
 def egress_policies(meta, cfg, acl, i, standard):
     """Built-in egress policies over packet ``i``'s destinations: ACL exclusions, and
     (with a forwarding extension) tagging by PreserveVLAN."""
@@ -140,7 +140,7 @@ def egress_policies(meta, cfg, acl, i, standard):
         meta[DST0 + k, i] = d
 
 
-@njit(inline="always", cache=True)
+@helper
 def all_excluded(meta, i):
     for k in range(meta[NDST, i]):
         if (meta[DST0 + k, i] & D_EXCLUDED) == 0:
@@ -148,14 +148,14 @@ def all_excluded(meta, i):
     return True
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def ingress_stage(meta, cfg, acl, n, now_s, standard):
     for i in range(n):
         if meta[DROP, i] == 0:
             meta[DROP, i] = ingress_policies(meta, cfg, acl, i, now_s, standard)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def egress_stage(meta, cfg, acl, n, standard):
     for i in range(n):
         if meta[DROP, i] == 0:

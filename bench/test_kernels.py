@@ -12,7 +12,7 @@ import pytest
 
 from examples.acl_filter import acl_filter_kernel
 from hvnet.fastpath_bench import build
-from switch.contract import merge_drop, prefill_drop
+from switch.contract import merge_drop
 from switch.delivery import edge_ingress, finalize
 from switch.forwarding import builtin_stage
 from switch.parse import parse_batch
@@ -26,7 +26,7 @@ def rig():
     b = sw._rx
     b.reset()
     b.n = mem.receive(b)
-    edge_ingress(b.meta, b.data, sw.counters.port, 0, b.n)
+    edge_ingress(b.meta, b.data, sw.counters.table, 0, b.n)
     return sw, mem, b
 
 
@@ -63,7 +63,7 @@ def test_filter_merge(benchmark, rig):
     drop = np.zeros(b.capacity, dtype=np.int64)
 
     def run():
-        prefill_drop(b.meta, drop, b.n)
+        drop[::7] = 64
         merge_drop(b.meta, drop, b.n, 64, 65)
     benchmark(run)
 
@@ -71,7 +71,7 @@ def test_filter_merge(benchmark, rig):
 def test_finalize(benchmark, rig):
     sw, mem, b = rig
     c, p = sw.counters, sw._plan
-    benchmark(finalize, b.meta, c.port, c.drop_in, c.drop_out, p.plan, p.span, b.n)
+    benchmark(finalize, b.meta, c.table, p.plan, p.span, b.n)
 
 
 def test_pipeline_one_batch(benchmark, rig):

@@ -26,10 +26,11 @@ class Actions:
         self._ext = ext
         self._direction = direction
         self._stage = stage
-        self.drop = drop          # int64[cap]: write a registered reason to drop packet i
-        self.exclude = exclude    # int64[max_dest, cap]: reason to exclude destination k of i
+        self.drop = drop          # int64[cap], zeroed: a registered reason drops packet i
+        self.exclude = exclude    # int64[max_dest, cap]: exclusion reason per destination,
+        #                           filled with the current ones; set one to exclude
         self.dests = dests        # int64[max_dest, cap]: forwarder's destination words (ingress)
-        self.ndst = ndst          # int64[cap]: how many of them
+        self.ndst = ndst          # int64[cap], zeroed: how many of them
         self.ctx = ctx            # int64[cap]: this extension's per-packet context
         self._batch = None
 

@@ -3,7 +3,9 @@
 Extensions never get write access to a packet or its forwarding context. Each
 hook receives read-only arrays plus the writable action arrays its kind may use:
 a capture none, a filter drop verdicts and (egress) exclusions, the forwarder
-destinations (ingress) and exclusions (egress). After the hook, a merge kernel
+destinations (ingress) and exclusions (egress). Verdict and destination arrays
+start zeroed (the merge kernels leave them so); the exclusion array starts with
+the exclusions as they stand, so clearing one can be seen. After the hook, a merge kernel
 applies the actions and checks them against the rules below; a write to a
 read-only array fails in numpy or numba and is reported as a violation too.
 A violation is recorded as a ``ContractViolation`` naming the extension and the
@@ -67,7 +69,6 @@ class ContractViolation(Exception):
 
 
 # Bits the merge kernels return, one per kind of violation found.
-V_REVIVED = 1        # a dropped packet was un-dropped
 V_BAD_REASON = 2     # a drop/exclusion code that is not an extension's registered reason
 V_CLEARED = 4        # an exclusion was cleared (A.6)
 V_BAD_DEST = 8       # destination port absent, NIC not connected, bad NIC index, duplicate
@@ -77,36 +78,29 @@ V_REASONED = 64      # marker: an exclusion was set (not a violation)
 
 
 @kernel
-def prefill_drop(meta, drop, n):
-    for i in range(n):
-        drop[i] = meta[DROP, i]
-
-
-@kernel
 def merge_drop(meta, drop, n, code_lo, code_hi):
-    """Apply a filter's drop verdicts. Returns the V_* bits of what was wrong."""
+    """Apply a hook's drop verdicts (0 = none) and leave ``drop`` zeroed for the next
+    stage. A verdict on a packet dropped above is moot: that packet is gone. Returns
+    the V_* bits of what was wrong."""
     bad = 0
     for i in range(n):
-        old = meta[DROP, i]
         new = drop[i]
-        if new == old:
+        if new == 0:
             continue
-        if old != 0:
-            bad |= V_REVIVED            # dropped above: gone for this extension
+        drop[i] = 0
+        if meta[DROP, i] != 0:
             continue
         if new < code_lo or new >= code_hi:
             bad |= V_BAD_REASON
-            meta[DROP, i] = R.CONTRACT
-            continue
+            new = R.CONTRACT
         meta[DROP, i] = new
     return bad
 
 
 @kernel
-def prefill_exclude(meta, drop, excl, n):
-    """Current drop state and per-destination exclusion reasons (0 = not excluded)."""
+def prefill_exclude(meta, excl, n):
+    """Per-destination exclusion reasons as they stand (0 = not excluded)."""
     for i in range(n):
-        drop[i] = meta[DROP, i]
         for k in range(meta[NDST, i]):
             d = meta[DST0 + k, i]
             excl[k, i] = (d >> D_REASON_SHIFT) & 0xFFFF if d & D_EXCLUDED else 0
@@ -138,23 +132,18 @@ def merge_exclude(meta, drop, excl, n, code_lo, code_hi):
 
 
 @kernel
-def prepare_forward(meta, drop, ndst, n):
-    for i in range(n):
-        drop[i] = meta[DROP, i]
-        ndst[i] = 0
-
-
-@kernel
 def merge_forward(meta, cfg, drop, dests, ndst, n, code_lo, code_hi):
-    """Commit the forwarder's destinations after checking each one (1.5, A.5, A.19)."""
+    """Commit the forwarder's destinations after checking each one (1.5, A.5, A.19).
+    Leaves ``ndst`` zeroed for the next batch."""
     bad = merge_drop(meta, drop, n, code_lo, code_hi)
     maxd = meta.shape[0] - DST0
     nports = cfg.shape[0]
     allowed_flags = D_PRESERVE_VLAN | D_PRESERVE_PRIO
     for i in range(n):
+        c = ndst[i]
+        ndst[i] = 0
         if meta[DROP, i] != 0:
             continue
-        c = ndst[i]
         if c < 0 or c > maxd:
             bad |= V_TOO_MANY
             meta[DROP, i] = R.CONTRACT
@@ -218,8 +207,6 @@ def count_nonzero(arr, n):
 def describe(bits: int) -> list[tuple[int, str]]:
     """V_* bits -> (rule, what happened)."""
     out = []
-    if bits & V_REVIVED:
-        out.append((6, "tried to pass a packet an extension above had already dropped"))
     if bits & V_BAD_REASON:
         out.append((7, "dropped or excluded with a reason code it never registered"))
     if bits & V_CLEARED:

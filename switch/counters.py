@@ -71,6 +71,11 @@ RX_MCAST = 9
 TX_BCAST = 10
 TX_MCAST = 11
 NPORTCOUNTERS = 12
+# One row per port: the counters above, then drops in by reason, then drops out by
+# reason; kernels take the whole table (one array argument, not three).
+DROP_IN_BASE = NPORTCOUNTERS
+DROP_OUT_BASE = NPORTCOUNTERS + MAX_REASONS
+NCOLS = NPORTCOUNTERS + 2 * MAX_REASONS
 PORT_COUNTER_NAMES = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "dropped_in",
                       "dropped_out", "ext_dropped_in", "ext_dropped_out", "rx_broadcast",
                       "rx_multicast", "tx_broadcast", "tx_multicast")
@@ -91,9 +96,10 @@ class Counters:
     """All counters of one switch, as arrays the kernels update in place."""
 
     def __init__(self, max_ports: int):
-        self.port = np.zeros((max_ports + 1, NPORTCOUNTERS), dtype=np.int64)
-        self.drop_in = np.zeros((max_ports + 1, MAX_REASONS), dtype=np.int64)
-        self.drop_out = np.zeros((max_ports + 1, MAX_REASONS), dtype=np.int64)
+        self.table = np.zeros((max_ports + 1, NCOLS), dtype=np.int64)
+        self.port = self.table[:, :NPORTCOUNTERS]
+        self.drop_in = self.table[:, DROP_IN_BASE:DROP_OUT_BASE]
+        self.drop_out = self.table[:, DROP_OUT_BASE:]
         self.switch = np.zeros(NSWCOUNTERS, dtype=np.int64)
         self.reasons: dict[int, str] = dict(BUILTIN_REASONS)
         self.reason_owner: dict[int, str] = {}
@@ -129,6 +135,4 @@ class Counters:
         return {name: int(self.switch[k]) for k, name in enumerate(SWITCH_COUNTER_NAMES)}
 
     def clear_port(self, port_id: int) -> None:
-        self.port[port_id] = 0
-        self.drop_in[port_id] = 0
-        self.drop_out[port_id] = 0
+        self.table[port_id] = 0

@@ -16,10 +16,10 @@ import numpy as np
 from . import counters as R
 from .batch import (copy_bytes, D_EXCLUDED, D_PORT_MASK, D_REASON_SHIFT, D_TAGGED, DROP, DST0,
                     F_BCAST, F_MCAST, F_RUNT, F_TRUNC, F_VLAN, FLAGS, LEN, NDST, SRC_PORT)
-from .counters import (DROP_IN, DROP_OUT, EXT_DROP_IN, EXT_DROP_OUT, EXT_REASON_BASE,
+from .counters import (DROP_IN, DROP_IN_BASE, DROP_OUT, DROP_OUT_BASE, EXT_DROP_IN, EXT_DROP_OUT, EXT_REASON_BASE,
                        RX_BCAST, RX_BYTES, RX_MCAST, RX_PKTS, TX_BCAST, TX_BYTES, TX_MCAST,
                        TX_PKTS)
-from .parse import parse_one
+from .parse import clear_fields, parse_one
 from .kernel import kernel, helper
 
 PLAN_PKT = 0
@@ -37,6 +37,7 @@ class DeliveryPlan:
 
 @kernel
 def edge_ingress(meta, data, ctr, start, n):
+    clear_fields(meta, start, n)
     for i in range(start, n):
         meta[DROP, i] = 0
         meta[NDST, i] = 0
@@ -55,7 +56,7 @@ def edge_ingress(meta, data, ctr, start, n):
 
 
 @kernel
-def finalize(meta, ctr, drop_in, drop_out, plan, span, n):
+def finalize(meta, ctr, plan, span, n):
     span[:, 0] = 0
     span[:, 1] = 0
     for i in range(n):
@@ -67,7 +68,7 @@ def finalize(meta, ctr, drop_in, drop_out, plan, span, n):
             q = d & D_PORT_MASK
             if d & D_EXCLUDED:
                 r = (d >> D_REASON_SHIFT) & 0xFFFF
-                drop_out[q, r] += 1
+                ctr[q, DROP_OUT_BASE + r] += 1
                 ctr[q, DROP_OUT] += 1
                 if r >= EXT_REASON_BASE:
                     ctr[q, EXT_DROP_OUT] += 1
@@ -79,7 +80,7 @@ def finalize(meta, ctr, drop_in, drop_out, plan, span, n):
         r = meta[DROP, i]
         if r != 0:
             p = meta[SRC_PORT, i]
-            drop_in[p, r] += 1
+            ctr[p, DROP_IN_BASE + r] += 1
             ctr[p, DROP_IN] += 1
             if r >= EXT_REASON_BASE:
                 ctr[p, EXT_DROP_IN] += 1

@@ -64,7 +64,7 @@ class MemoryPorts(PortKind):
     # ---- output ------------------------------------------------------------------------
     def transmit(self, batch, plan, span) -> None:
         _transmit(batch.meta, batch.data, plan, span, self.port_ids, self.outq, self.outdata,
-                  self.state, self.switch.counters.port, self.switch.counters.drop_out)
+                  self.state, self.switch.counters.table)
 
     def collect(self, port=None) -> list[bytes]:
         """Frames delivered (to ``port``, or to all) since the last collect; clears them."""
@@ -159,7 +159,7 @@ def _dequeue(inq, indata, state, meta, data):
 
 
 @kernel
-def _transmit(meta, data, plan, span, port_ids, outq, outdata, state, ctr, drop_out):
+def _transmit(meta, data, plan, span, port_ids, outq, outdata, state, ctr):
     keep = state[6]
     for pi in range(port_ids.shape[0]):
         q = port_ids[pi]
@@ -174,7 +174,7 @@ def _transmit(meta, data, plan, span, port_ids, outq, outdata, state, ctr, drop_
                     ctr[q, R.TX_PKTS] -= 1
                     ctr[q, R.TX_BYTES] -= ln
                     ctr[q, R.DROP_OUT] += 1
-                    drop_out[q, R.TX_FULL] += 1
+                    ctr[q, R.DROP_OUT_BASE + R.TX_FULL] += 1
                     continue
                 c = 0                       # sink: wrap around and overwrite
                 o = 0

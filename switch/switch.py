@@ -26,7 +26,7 @@ from . import counters as R
 from .actions import Actions
 from .batch import CAPACITY, DROP, MAX_DEST, ROW_PAD, PacketBatch
 from .contract import (ContractViolation, describe, drop_live, merge_drop, merge_exclude,
-                       merge_forward, prefill_drop, prefill_exclude, prepare_forward)
+                       merge_forward, prefill_exclude)
 from .counters import Counters
 from .delivery import DeliveryPlan, edge_ingress, finalize
 from .extension import KIND_ORDER, Extension, NdisStatus, Oid, Veto
@@ -365,7 +365,6 @@ class Switch:
             def stage(batch, now):
                 act._batch = batch
                 m, n = batch.meta, batch.n
-                prefill_drop(m, sd, n)
                 v = batch.view
                 v.n = n
                 try:
@@ -383,7 +382,7 @@ class Switch:
             def stage(batch, now):
                 act._batch = batch
                 m, n = batch.meta, batch.n
-                prefill_exclude(m, sd, sx, n)
+                prefill_exclude(m, sx, n)
                 v = batch.view
                 v.n = n
                 try:
@@ -402,7 +401,6 @@ class Switch:
         def stage(batch, now):
             act._batch = batch
             m, n = batch.meta, batch.n
-            prepare_forward(m, sd, sn, n)
             v = batch.view
             v.n = n
             try:
@@ -435,6 +433,9 @@ class Switch:
             self.violation(ext, rule, what)
 
     def _hook_failed(self, ext, direction, exc, batch) -> None:
+        # The hook's half-written verdicts are void; the next stage starts clean.
+        self._scratch_drop[:] = 0
+        self._scratch_ndst[:] = 0
         readonly = isinstance(exc, (ValueError, TypeError)) or type(exc).__name__ == "TypingError"
         readonly = readonly and ("read-only" in str(exc) or "readonly" in str(exc))
         if isinstance(exc, ContractViolation):
@@ -475,7 +476,7 @@ class Switch:
         """Switch one batch whose frames and sources are filled in. Returns deliveries."""
         with self._dp_lock:
             now = self.clock()
-            edge_ingress(batch.meta, batch.data, self.counters.port, 0, batch.n)
+            edge_ingress(batch.meta, batch.data, self.counters.table, 0, batch.n)
             total = self._run(batch, 0, now)
             while self._injected:
                 b, start, path, depth = self._injected.popleft()
@@ -486,7 +487,7 @@ class Switch:
                     continue
                 self.counters.switch[R.SW_INJECTED] += b.n
                 if path == "ingress":
-                    edge_ingress(b.meta, b.data, self.counters.port, 0, b.n)
+                    edge_ingress(b.meta, b.data, self.counters.table, 0, b.n)
                 self._depth = depth
                 total += self._run(b, start, now)
                 self._depth = 0
@@ -507,7 +508,7 @@ class Switch:
 
     def _deliver(self, batch) -> int:
         c, p = self.counters, self._plan
-        total = finalize(batch.meta, c.port, c.drop_in, c.drop_out, p.plan, p.span, batch.n)
+        total = finalize(batch.meta, c.table, p.plan, p.span, batch.n)
         if total:
             for kind in self.kinds:
                 kind.transmit(batch, p.plan, p.span)
@@ -515,7 +516,7 @@ class Switch:
 
     def _count_only(self, batch) -> None:
         c, p = self.counters, self._plan
-        finalize(batch.meta, c.port, c.drop_in, c.drop_out, p.plan, p.span, batch.n)
+        finalize(batch.meta, c.table, p.plan, p.span, batch.n)
 
     def poll(self, kind: PortKind | None = None) -> int:
         """Receive one batch from each port kind (or one) and switch it. Returns frames in."""

@@ -4,7 +4,7 @@ The forwarder is the only extension that adds destinations, and only on ingress
 (vswitch_vmq_sriov.md 1.2, 1.5, checklist A.5). With it enabled, the switch's
 built-in forwarding is off and the standard port properties (VLAN, security)
 are the forwarder's to enforce (A.13). This one forwards by a fixed table, keeps
-VLAN tags (PreserveVLAN) and drops what no flow matches.
+VLAN tags and their priority (PreserveVLAN, PreservePriority) and drops what no flow matches.
 
 The table is two sorted arrays (MACs, and a row of output port IDs each); the
 njit kernel finds a packet's flow by binary search and writes destination words
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from switch.batch import D_PRESERVE_VLAN, DMAC, DROP, SRC_PORT, dest_make
+from switch.batch import D_PRESERVE_PRIO, D_PRESERVE_VLAN, DMAC, DROP, SRC_PORT, dest_make
 from switch.extension import ForwardingExtension
 from switch.port import NicState, mac_to_int
 from switch.kernel import kernel
@@ -35,7 +35,7 @@ def flow_kernel(meta, drop, dests, ndst, n, macs, outs, nouts, connected, reason
             q = outs[j, k]
             # only connected NICs (A.19) and never back to the source
             if q != src and q < connected.shape[0] and connected[q]:
-                dests[c, i] = dest_make(q, 0, D_PRESERVE_VLAN)
+                dests[c, i] = dest_make(q, 0, D_PRESERVE_VLAN | D_PRESERVE_PRIO)
                 c += 1
         ndst[i] = c
         if c == 0:

@@ -7,7 +7,8 @@ that all miss (so every packet walks the whole list), batches of 256. Per batch:
 receive (copy in), parse, ACL filter, built-in ingress policies, learning
 forwarding with VLAN tagging, delivery plan, transmit (copy out). Reported:
 packets per second of CPU time of the one thread doing all of it, and of wall
-time.
+time, beside a plain per-packet Python loop doing the same work on the same
+traffic in the same run.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def build(seed: int = 1, frames: int = 4096, batch: int = 256):
     return sw, mem
 
 
-def run(seconds: float = 3.0, cpu: int | None = None, batch: int = 256) -> dict:
+def run(seconds: float = 3.0, cpu: int | None = None, batch: int = 256,
+        peer: bool = True) -> dict:
     if cpu is None:
         cpu = max(os.sched_getaffinity(0))
     try:
@@ -102,7 +104,7 @@ def run(seconds: float = 3.0, cpu: int | None = None, batch: int = 256) -> dict:
     rx = int((after[:, 0] - before[:, 0]).sum())
     tx = int((after[:, 2] - before[:, 2]).sum())
     dropped = int((after[:, 4] - before[:, 4]).sum())
-    return {
+    out = {
         "mpps_per_core": rx / cpu_s / 1e6,
         "mpps_wall": rx / wall / 1e6,
         "packets": rx, "delivered": tx, "dropped": dropped, "batches": batches,
@@ -110,3 +112,69 @@ def run(seconds: float = 3.0, cpu: int | None = None, batch: int = 256) -> dict:
         "batch_size": sw.batch_capacity, "ports": N_PORTS, "macs": N_MACS, "frame_bytes": 64,
         "cpu": cpu,
     }
+    if peer:
+        # Same run, same core, same traffic: the plain-Python switch as the yardstick.
+        out.update(run_peer(min(seconds, 2.0)))
+        out["ratio_vs_python"] = out["mpps_per_core"] / out["python_mpps_per_core"]
+    return out
+
+
+def _python_peer(traffic, vlan_of, trunk, acl_rules, seconds):
+    """The same work in plain per-packet Python: parse, 5-tuple ACL, VLAN classify,
+    learn, look up, tag or untag, copy out. The yardstick for "no per-packet Python"."""
+    import struct as st
+    fdb: dict[tuple[bytes, int], int] = {}
+    out: list[bytes] = []
+    n = 0
+    t0 = time.thread_time()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for port, f in traffic:
+            et = st.unpack_from("!H", f, 12)[0]
+            if et == 0x8100:
+                tci = st.unpack_from("!H", f, 14)[0]
+                vid = tci & 0xFFF
+                f = f[:12] + f[16:]
+                vlan = vid if trunk[port] else -1
+            else:
+                vlan = vlan_of[port]
+            if vlan < 0:
+                continue
+            ihl = (f[14] & 15) * 4
+            proto = f[23]
+            dst = st.unpack_from("!I", f, 30)[0]
+            sport, dport = st.unpack_from("!HH", f, 14 + ihl)
+            denied = False
+            for net, mask, p, dp in acl_rules:
+                if proto == p and (dst & mask) == net and dport == dp:
+                    denied = True
+                    break
+            if denied:
+                continue
+            fdb[(f[6:12], vlan)] = port
+            q = fdb.get((f[0:6], vlan))
+            if q is None or q == port:
+                continue
+            if trunk[q]:
+                f = f[:12] + st.pack("!HH", 0x8100, vlan) + f[12:]
+            out.append(f)
+            n += 1
+        if len(out) > 100000:
+            out.clear()
+    return n / (time.thread_time() - t0)
+
+
+def run_peer(seconds: float = 1.0) -> dict:
+    """Measure the plain-Python peer on the benchmark's own traffic."""
+    sw, mem = build()
+    traffic = []
+    for j in range(int(mem.state[1])):
+        o, ln, pid = int(mem.inq[1, j]), int(mem.inq[2, j]), int(mem.inq[0, j])
+        traffic.append((pid, bytes(mem.indata[o:o + ln])))
+    vlan_of = {p.port_id: (10 if k < N_PORTS // 2 else 0)
+               for k, p in enumerate(sorted(sw.ports.values(), key=lambda p: p.port_id))}
+    trunk = {p.port_id: k >= N_PORTS // 2
+             for k, p in enumerate(sorted(sw.ports.values(), key=lambda p: p.port_id))}
+    rules = [((192 << 24) | (168 << 16) | (r << 8), 0xFFFFFF00, 6, 1000 + r) for r in range(8)]
+    pps = _python_peer(traffic, vlan_of, trunk, rules, seconds)
+    return {"python_mpps_per_core": pps / 1e6}

@@ -31,6 +31,7 @@ def test_bench_fastpath_json():
     d = json.loads(r.stdout)
     assert d["mpps_per_core"] > 0 and d["packets"] > 0
     assert d["delivered"] == d["packets"] and d["dropped"] == 0
+    assert d["python_mpps_per_core"] > 0 and d["ratio_vs_python"] > 0
 
 
 def test_bad_arguments_say_what_is_wrong():
@@ -38,3 +39,5 @@ def test_bad_arguments_say_what_is_wrong():
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = hvnet("bench", "fastpath", "--seconds", "-1")
     assert r.returncode == 2 and "--seconds must be positive" in r.stderr
+    r = hvnet("bench", "fastpath", "--batch", "0")
+    assert r.returncode == 2 and "--batch 0 out of range" in r.stderr

@@ -17,8 +17,6 @@ import random
 import struct
 import time
 
-import numpy as np
-
 from examples.acl_filter import AclFilter, five_tuple
 from switch.memport import MemoryPorts
 from switch.properties import SecurityProperty, VlanProperty

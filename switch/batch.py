@@ -253,6 +253,25 @@ def copy_bytes(dst, do, src, so, n):
         _memcpy(dst, do, src, so, n)
 
 
+@helper
+def init_packet(meta, i, off, ln, src_port, src_nic):
+    """The forwarding context of a frame just received into slot ``i``: its source,
+    no offloads pending, data in host memory (safe)."""
+    meta[OFF, i] = off
+    meta[LEN, i] = ln
+    meta[SRC_PORT, i] = src_port
+    meta[SRC_NIC, i] = src_nic
+    meta[FLAGS, i] = F_SAFE
+    meta[DROP, i] = 0
+    meta[NDST, i] = 0
+    meta[TCI, i] = 0
+    meta[SAFE_LEN, i] = ln
+    meta[CSUM_START, i] = 0
+    meta[CSUM_OFF, i] = 0
+    meta[GSO_TYPE, i] = 0
+    meta[GSO_SIZE, i] = 0
+
+
 @kernel
 def fill_from_flat(meta, data, n, cursor, flat, lens, src_port, src_nic):
     """Append frames stored back to back in ``flat``; stop when the batch or arena is full."""
@@ -265,19 +284,7 @@ def fill_from_flat(meta, data, n, cursor, flat, lens, src_port, src_nic):
             break
         i = n + got
         copy_bytes(data, cursor, flat, pos, ln)
-        meta[OFF, i] = cursor
-        meta[LEN, i] = ln
-        meta[SRC_PORT, i] = src_port
-        meta[SRC_NIC, i] = src_nic
-        meta[FLAGS, i] = F_SAFE
-        meta[DROP, i] = 0
-        meta[NDST, i] = 0
-        meta[TCI, i] = 0
-        meta[SAFE_LEN, i] = ln
-        meta[CSUM_START, i] = 0
-        meta[CSUM_OFF, i] = 0
-        meta[GSO_TYPE, i] = 0
-        meta[GSO_SIZE, i] = 0
+        init_packet(meta, i, cursor, ln, src_port, src_nic)
         cursor = (cursor + ln + ALIGN - 1) & ~(ALIGN - 1)
         pos += ln
         got += 1

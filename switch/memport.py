@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import counters as R
-from .batch import ALIGN, ROW_PAD, copy_bytes, DROP, F_SAFE, FLAGS, GSO_SIZE, GSO_TYPE, LEN, NDST, OFF, SAFE_LEN, \
-    SRC_NIC, SRC_PORT, TCI, CSUM_OFF, CSUM_START
+from .batch import ALIGN, LEN, OFF, ROW_PAD, copy_bytes, init_packet
 from .delivery import emit_frame
 from .portkind import PortKind
 from .kernel import kernel
@@ -135,19 +134,7 @@ def _dequeue(inq, indata, state, meta, data):
             break
         o = inq[Q_OFF, h]
         copy_bytes(data, cursor, indata, o, ln)
-        meta[OFF, n] = cursor
-        meta[LEN, n] = ln
-        meta[SRC_PORT, n] = inq[Q_PORT, h]
-        meta[SRC_NIC, n] = 0
-        meta[FLAGS, n] = F_SAFE
-        meta[DROP, n] = 0
-        meta[NDST, n] = 0
-        meta[TCI, n] = 0
-        meta[SAFE_LEN, n] = ln
-        meta[CSUM_START, n] = 0
-        meta[CSUM_OFF, n] = 0
-        meta[GSO_TYPE, n] = 0
-        meta[GSO_SIZE, n] = 0
+        init_packet(meta, n, cursor, ln, inq[Q_PORT, h], 0)
         cursor = (cursor + ln + ALIGN - 1) & ~(ALIGN - 1)
         state[0] = h + 1
         n += 1

@@ -240,39 +240,17 @@ def parse_one(meta, data, i):
         q = p + 40
         # Each extension header is at least 8 bytes, so this loop is bounded by the frame.
         while True:
-            if nh == IPPROTO_HOPOPTS or nh == IPPROTO_ROUTING or nh == IPPROTO_DSTOPTS \
-                    or nh == IPPROTO_MH:
-                if q + 8 > end:
-                    meta[PROTO, i] = nh
-                    meta[FLAGS, i] = fl | F_IP6_EXT | F_TRUNC
-                    return
-                hl = (np_int(data[base + q + 1]) + 1) * 8
-                fl |= F_IP6_EXT
-                if q + hl > end:
-                    meta[PROTO, i] = nh
-                    meta[FLAGS, i] = fl | F_BAD_LEN
-                    return
-                nh = np_int(data[base + q])
-                q += hl
-            elif nh == IPPROTO_AH:
-                if q + 8 > end:
-                    meta[PROTO, i] = nh
-                    meta[FLAGS, i] = fl | F_IP6_EXT | F_TRUNC
-                    return
-                hl = (np_int(data[base + q + 1]) + 2) * 4
-                fl |= F_IP6_EXT
-                if q + hl > end:
-                    meta[PROTO, i] = nh
-                    meta[FLAGS, i] = fl | F_BAD_LEN
-                    return
-                nh = np_int(data[base + q])
-                q += hl
-            elif nh == IPPROTO_FRAGMENT:
-                if q + 8 > end:
-                    meta[PROTO, i] = nh
-                    meta[FLAGS, i] = fl | F_IP6_EXT | F_TRUNC
-                    return
-                fl |= F_IP6_EXT | F_FRAG
+            generic = (nh == IPPROTO_HOPOPTS or nh == IPPROTO_ROUTING
+                       or nh == IPPROTO_DSTOPTS or nh == IPPROTO_MH)
+            if not (generic or nh == IPPROTO_AH or nh == IPPROTO_FRAGMENT):
+                break
+            if q + 8 > end:
+                meta[PROTO, i] = nh
+                meta[FLAGS, i] = fl | F_IP6_EXT | F_TRUNC
+                return
+            fl |= F_IP6_EXT
+            if nh == IPPROTO_FRAGMENT:
+                fl |= F_FRAG
                 fo = _be16(data, base + q + 2)
                 nh = np_int(data[base + q])
                 q += 8
@@ -280,8 +258,19 @@ def parse_one(meta, data, i):
                     meta[PROTO, i] = nh
                     meta[FLAGS, i] = fl | F_FRAG_LATER
                     return
+                continue
+            # Lengths: 8-octet units not counting the first 8 (RFC 8200); AH counts
+            # 4-octet units minus 2 (RFC 4302).
+            if generic:
+                hl = (np_int(data[base + q + 1]) + 1) * 8
             else:
-                break
+                hl = (np_int(data[base + q + 1]) + 2) * 4
+            if q + hl > end:
+                meta[PROTO, i] = nh
+                meta[FLAGS, i] = fl | F_BAD_LEN
+                return
+            nh = np_int(data[base + q])
+            q += hl
         meta[PROTO, i] = nh
         _parse_l4(meta, data, i, base, q, end, nh, fl, True)
         return

@@ -15,7 +15,7 @@ from __future__ import annotations
 from . import counters as R
 from .acl import acl_decide
 from .batch import (D_EXCLUDED, D_PORT_MASK, D_PRESERVE_PRIO, D_PRESERVE_VLAN,
-                    D_REASON_SHIFT, D_TAG_SHIFT, D_TAGGED, DPORT, DROP, DST0, F_BCAST,
+                    D_REASON_SHIFT, D_TAG_SHIFT, D_TAGGED, DROP, DST0, F_BCAST,
                     F_ICMP, F_ICMP6, F_MCAST, F_QINQ, F_UDP, F_VLAN, FLAGS, ICMP_TYPE, NDST,
                     SMAC, SPORT, SRC_PORT, TCI, VLAN)
 from .properties import (ACL_DENY, C_ACL_END, C_ACL_START, C_EXISTS, C_GUARDS, C_SPOOF_MAC,

@@ -14,7 +14,7 @@ rules of all ports in one table (``acl``) with each port's range in
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

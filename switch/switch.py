@@ -340,77 +340,57 @@ class Switch:
         self._inject_at = inject_at
 
     def _make_stage(self, inst: _Installed, direction: str, index: int):
+        """One stage: (prepare), call the hook, merge and check what it did (contract.py).
+
+        Which action arrays the hook gets, and which merge kernel checks them, is
+        what its kind may do on that path (1.2)."""
         ext = inst.ext
         hook = getattr(ext, direction)
-        kind = ext.kind
         sd, sx, sdst, sn = (self._scratch_drop, self._scratch_excl, self._scratch_dst,
                             self._scratch_ndst)
         ctx = self._ctx[inst.slot] if inst.slot >= 0 else None
-        counters = self.counters
-        if kind == "capture":
+        counters, cfg = self.counters, self.port_table.cfg
+        if ext.kind == "capture":
             act = Actions(self, ext, direction, index, ctx=ctx)
-
-            def stage(batch, now):
-                act._batch = batch
-                v = batch.view
-                v.n = batch.n
-                try:
-                    hook(v, act)
-                except Exception as e:       # noqa: BLE001 - any hook failure is contained
-                    self._hook_failed(ext, direction, e, batch)
-            return stage
-        if kind == "filter" and direction == "ingress":
-            act = Actions(self, ext, direction, index, drop=sd, ctx=ctx)
-
-            def stage(batch, now):
-                act._batch = batch
-                m, n = batch.meta, batch.n
-                v = batch.view
-                v.n = n
-                try:
-                    hook(v, act)
-                except Exception as e:       # noqa: BLE001
-                    self._hook_failed(ext, direction, e, batch)
-                    return
-                bad = merge_drop(m, sd, n, R.EXT_REASON_BASE, counters._next_ext)
-                if bad:
-                    self._merge_violations(ext, bad, batch)
-            return stage
-        if direction == "egress":           # filter or forwarder: drop and exclude only
+            prepare = merge = None
+        elif direction == "egress":         # filter or forwarder: drop and exclude only
             act = Actions(self, ext, direction, index, drop=sd, exclude=sx, ctx=ctx)
 
-            def stage(batch, now):
-                act._batch = batch
-                m, n = batch.meta, batch.n
+            def prepare(m, n):
                 prefill_exclude(m, sx, n)
-                v = batch.view
-                v.n = n
-                try:
-                    hook(v, act)
-                except Exception as e:       # noqa: BLE001
-                    self._hook_failed(ext, direction, e, batch)
-                    return
-                bad = merge_exclude(m, sd, sx, n, R.EXT_REASON_BASE, counters._next_ext)
-                if bad:
-                    self._merge_violations(ext, bad, batch)
-            return stage
-        # forwarder, ingress
-        act = Actions(self, ext, direction, index, drop=sd, dests=sdst, ndst=sn, ctx=ctx)
-        cfg = self.port_table.cfg
+
+            def merge(m, n):
+                return merge_exclude(m, sd, sx, n, R.EXT_REASON_BASE, counters._next_ext)
+        elif ext.kind == "filter":
+            act = Actions(self, ext, direction, index, drop=sd, ctx=ctx)
+            prepare = None
+
+            def merge(m, n):
+                return merge_drop(m, sd, n, R.EXT_REASON_BASE, counters._next_ext)
+        else:                               # the forwarder on ingress
+            act = Actions(self, ext, direction, index, drop=sd, dests=sdst, ndst=sn, ctx=ctx)
+            prepare = None
+
+            def merge(m, n):
+                return merge_forward(m, cfg, sd, sdst, sn, n, R.EXT_REASON_BASE,
+                                     counters._next_ext)
 
         def stage(batch, now):
             act._batch = batch
             m, n = batch.meta, batch.n
+            if prepare is not None:
+                prepare(m, n)
             v = batch.view
             v.n = n
             try:
                 hook(v, act)
-            except Exception as e:           # noqa: BLE001
+            except Exception as e:           # noqa: BLE001 - any hook failure is contained
                 self._hook_failed(ext, direction, e, batch)
                 return
-            bad = merge_forward(m, cfg, sd, sdst, sn, n, R.EXT_REASON_BASE, counters._next_ext)
-            if bad:
-                self._merge_violations(ext, bad, batch)
+            if merge is not None:
+                bad = merge(m, n)
+                if bad:
+                    self._merge_violations(ext, bad, batch)
         return stage
 
     def _builtin(self, batch, now):

@@ -138,7 +138,7 @@ def test_a3_capture_cannot_modify_drop_or_clone(ext):
     assert out == {}
     v = last_violation(r.sw)
     assert v.extension == ext.name and v.rule == 3
-    assert f"A.3" in str(v) and ext.name in str(v)
+    assert "A.3" in str(v) and ext.name in str(v)
     assert r.drops(1) == {R.BUILTIN_REASONS[R.CONTRACT]: 1}
     r.sw.uninstall(ext.name)
     still_switches(r)
@@ -413,7 +413,7 @@ def test_a10_forwarder_clone_on_egress_keeps_destinations():
         def egress(self, pkts, act):
             if not getattr(self, "done", False):
                 self.done = True
-                c = act.clone([0], keep_destinations=True)
+                act.clone([0], keep_destinations=True)
 
     r = Rig()
     fw = CloneFwd("fw", [r.ports[2].port_id])

@@ -8,7 +8,8 @@ processed, not in the packet).
 from __future__ import annotations
 
 
-from .batch import ROW_PAD, copy_bytes, ALIGN, DST0, F_CLONE, F_SAFE, FLAGS, LEN, NDST, NFIELDS, OFF, SAFE_LEN
+from .batch import (ALIGN, DROP, DST0, F_CLONE, F_SAFE, FLAGS, LEN, NDST, NFIELDS, OFF, ROW_PAD,
+                    SAFE_LEN, copy_bytes)
 from .kernel import kernel
 
 
@@ -29,6 +30,7 @@ def clone_into(meta, data, out_meta, out_data, idx, keep_destinations):
             out_meta[f, n] = meta[f, i]
         out_meta[OFF, n] = cursor
         out_meta[FLAGS, n] = meta[FLAGS, i] | F_CLONE | F_SAFE
+        out_meta[DROP, n] = 0
         out_meta[SAFE_LEN, n] = ln
         if keep_destinations:
             c = min(meta[NDST, i], maxd)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from . import counters as R
 from .batch import (D_EXCLUDED, D_NIC_SHIFT, D_PORT_MASK, D_PRESERVE_PRIO,
-                    D_PRESERVE_VLAN, D_REASON_SHIFT, DROP, DST0, NDST)
+                    D_PRESERVE_VLAN, D_REASON_SHIFT, D_TAG_SHIFT, D_TAGGED, DROP, DST0, LEN,
+                    NDST, OFF, SRC_NIC, SRC_PORT)
 from .policy import all_excluded
 from .port import PortType
 from .properties import C_NIC_CONNECTED, C_TYPE
-from .kernel import kernel
+from .kernel import helper, kernel
 
 _EXTERNAL = int(PortType.EXTERNAL)
 
@@ -74,7 +75,8 @@ V_CLEARED = 4        # an exclusion was cleared (A.6)
 V_BAD_DEST = 8       # destination port absent, NIC not connected, bad NIC index, duplicate
 V_TOO_MANY = 16      # more destinations than slots
 V_BAD_FLAGS = 32     # destination flags other than PreserveVLAN/PreservePriority
-V_REASONED = 64      # marker: an exclusion was set (not a violation)
+V_BAD_SOURCE = 64    # injected packet from a port/NIC that is not connected, or out of range
+V_BAD_FRAME = 128    # injected packet whose OFF/LEN lie outside its batch's arena
 
 
 @kernel
@@ -131,14 +133,31 @@ def merge_exclude(meta, drop, excl, n, code_lo, code_hi):
     return bad
 
 
+@helper
+def _dest_bad(cfg, dests, k, i):
+    """V_* bits wrong with destination ``k`` of packet ``i`` (0 if it is fine)."""
+    d = dests[k, i]
+    q = d & D_PORT_MASK
+    nic = (d >> D_NIC_SHIFT) & 0xFF
+    if d & ~(D_PORT_MASK | (0xFF << D_NIC_SHIFT) | D_PRESERVE_VLAN | D_PRESERVE_PRIO):
+        return V_BAD_FLAGS
+    if q == 0 or q >= cfg.shape[0] or nic > 32 or ((cfg[q, C_NIC_CONNECTED] >> nic) & 1) == 0:
+        return V_BAD_DEST
+    if nic != 0 and cfg[q, C_TYPE] != _EXTERNAL:
+        return V_BAD_DEST
+    key = d & (D_PORT_MASK | (0xFF << D_NIC_SHIFT))
+    for j in range(k):
+        if (dests[j, i] & (D_PORT_MASK | (0xFF << D_NIC_SHIFT))) == key:
+            return V_BAD_DEST
+    return 0
+
+
 @kernel
 def merge_forward(meta, cfg, drop, dests, ndst, n, code_lo, code_hi):
     """Commit the forwarder's destinations after checking each one (1.5, A.5, A.19).
     Leaves ``ndst`` zeroed for the next batch."""
     bad = merge_drop(meta, drop, n, code_lo, code_hi)
     maxd = meta.shape[0] - DST0
-    nports = cfg.shape[0]
-    allowed_flags = D_PRESERVE_VLAN | D_PRESERVE_PRIO
     for i in range(n):
         c = ndst[i]
         ndst[i] = 0
@@ -148,31 +167,13 @@ def merge_forward(meta, cfg, drop, dests, ndst, n, code_lo, code_hi):
             bad |= V_TOO_MANY
             meta[DROP, i] = R.CONTRACT
             continue
-        ok = True
+        wrong = 0
         for k in range(c):
-            d = dests[k, i]
-            q = d & D_PORT_MASK
-            nic = (d >> D_NIC_SHIFT) & 0xFF
-            if d & ~(D_PORT_MASK | (0xFF << D_NIC_SHIFT) | allowed_flags):
-                bad |= V_BAD_FLAGS
-                ok = False
+            wrong = _dest_bad(cfg, dests, k, i)
+            if wrong:
                 break
-            if q == 0 or q >= nports or nic > 32 or ((cfg[q, C_NIC_CONNECTED] >> nic) & 1) == 0:
-                bad |= V_BAD_DEST
-                ok = False
-                break
-            if nic != 0 and cfg[q, C_TYPE] != _EXTERNAL:
-                bad |= V_BAD_DEST
-                ok = False
-                break
-            for j in range(k):
-                if (dests[j, i] & (D_PORT_MASK | (0xFF << D_NIC_SHIFT))) == \
-                        (d & (D_PORT_MASK | (0xFF << D_NIC_SHIFT))):
-                    bad |= V_BAD_DEST
-                    ok = False
-            if not ok:
-                break
-        if not ok:
+        if wrong:
+            bad |= wrong
             meta[DROP, i] = R.CONTRACT
             continue
         if c == 0:
@@ -181,6 +182,43 @@ def merge_forward(meta, cfg, drop, dests, ndst, n, code_lo, code_hi):
         for k in range(c):
             meta[DST0 + k, i] = dests[k, i]
         meta[NDST, i] = c
+    return bad
+
+
+@kernel
+def check_injected(meta, arena, cfg, n, egress):
+    """Everything an extension could have written into a batch it injects, checked
+    before the switch indexes anything with it. Offending packets are dropped."""
+    bad = 0
+    maxd = meta.shape[0] - DST0
+    size = arena.shape[0]
+    for i in range(n):
+        p = meta[SRC_PORT, i]
+        nic = meta[SRC_NIC, i]
+        off = meta[OFF, i]
+        ln = meta[LEN, i]
+        wrong = 0
+        if p < 0 or p >= cfg.shape[0] or nic < 0 or nic > 32 or \
+                (p != 0 and ((cfg[p, C_NIC_CONNECTED] >> nic) & 1) == 0):
+            wrong = V_BAD_SOURCE
+            meta[SRC_PORT, i] = 0          # count the drop on the default port
+        elif off < 0 or ln < 0 or off > size or ln > size - off:
+            wrong = V_BAD_FRAME
+        elif egress:
+            c = meta[NDST, i]
+            if c <= 0 or c > maxd:
+                wrong = V_TOO_MANY
+            else:
+                for k in range(c):
+                    meta[DST0 + k, i] &= ~(D_EXCLUDED | D_TAGGED | (0xFFFF << D_REASON_SHIFT)
+                                           | (0xFFFF << D_TAG_SHIFT))
+                    wrong = _dest_bad(cfg, meta[DST0:], k, i)
+                    if wrong:
+                        break
+        if wrong:
+            bad |= wrong
+            meta[NDST, i] = 0
+            meta[DROP, i] = R.CONTRACT
     return bad
 
 
@@ -218,4 +256,9 @@ def describe(bits: int) -> list[tuple[int, str]]:
         out.append((5, "set a destination count outside 0..the array's capacity"))
     if bits & V_BAD_FLAGS:
         out.append((5, "set destination flags other than PreserveVLAN/PreservePriority"))
+    if bits & V_BAD_SOURCE:
+        out.append((19, "injected packets whose source is not a connected NIC "
+                        "(use act.set_source)"))
+    if bits & V_BAD_FRAME:
+        out.append((9, "injected packets whose offset/length lie outside their batch"))
     return out

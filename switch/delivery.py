@@ -37,10 +37,9 @@ class DeliveryPlan:
 
 @kernel
 def edge_ingress(meta, data, ctr, start, n):
+    # DROP and NDST were set where the packet was received (init_packet) or injected.
     clear_fields(meta, start, n)
     for i in range(start, n):
-        meta[DROP, i] = 0
-        meta[NDST, i] = 0
         parse_one(meta, data, i)
         p = meta[SRC_PORT, i]
         fl = meta[FLAGS, i]
@@ -51,7 +50,7 @@ def edge_ingress(meta, data, ctr, start, n):
                 ctr[p, RX_BCAST] += 1
             else:
                 ctr[p, RX_MCAST] += 1
-        if fl & F_RUNT or (fl & F_TRUNC and meta[LEN, i] < 14):
+        if (fl & F_RUNT or (fl & F_TRUNC and meta[LEN, i] < 14)) and meta[DROP, i] == 0:
             meta[DROP, i] = R.RUNT
 
 

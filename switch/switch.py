@@ -25,8 +25,8 @@ import numpy as np
 from . import counters as R
 from .actions import Actions
 from .batch import CAPACITY, DROP, MAX_DEST, ROW_PAD, PacketBatch
-from .contract import (ContractViolation, describe, drop_live, merge_drop, merge_exclude,
-                       merge_forward, prefill_exclude)
+from .contract import (ContractViolation, check_injected, describe, drop_live, merge_drop,
+                       merge_exclude, merge_forward, prefill_exclude)
 from .counters import Counters
 from .delivery import DeliveryPlan, edge_ingress, finalize
 from .extension import KIND_ORDER, Extension, NdisStatus, Oid, Veto
@@ -450,7 +450,7 @@ class Switch:
             start = self._egress_inject_start
         else:
             start = self._inject_at.get(id(ext), 0)
-        self._injected.append((batch, start, path, self._depth + 1))
+        self._injected.append((ext, batch, start, path, self._depth + 1))
 
     def process(self, batch: PacketBatch) -> int:
         """Switch one batch whose frames and sources are filled in. Returns deliveries."""
@@ -459,7 +459,16 @@ class Switch:
             edge_ingress(batch.meta, batch.data, self.counters.table, 0, batch.n)
             total = self._run(batch, 0, now)
             while self._injected:
-                b, start, path, depth = self._injected.popleft()
+                ext, b, start, path, depth = self._injected.popleft()
+                # The extension had the batch writable: check it before indexing with it.
+                if not (isinstance(b.n, int) and 0 <= b.n <= b.capacity):
+                    self.violation(ext, 9, f"injected a batch claiming {b.n!r} packets "
+                                   f"(capacity {b.capacity})")
+                    self._give_back(b)
+                    continue
+                bad = check_injected(b.meta, b.data, self.port_table.cfg, b.n, path == "egress")
+                if bad:
+                    self._merge_violations(ext, bad, b)
                 if depth > MAX_INJECT_DEPTH:
                     b.meta[DROP, :b.n] = R.INJECT_LOOP
                     self._count_only(b)

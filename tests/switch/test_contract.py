@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from switch import counters as R
-from switch.batch import (D_EXCLUDED, D_PRESERVE_VLAN, DROP, DST0, NDST, SRC_PORT, dest_make,
-                          dest_port)
+from switch.batch import (D_EXCLUDED, D_PRESERVE_VLAN, DROP, DST0, LEN, NDST, OFF, SRC_NIC,
+                          SRC_PORT, dest_make, dest_port)
 from switch.contract import ContractViolation
 from switch.extension import (CaptureExtension, FilterExtension, ForwardingExtension,
                               NdisStatus, Oid, Veto)
@@ -689,3 +689,63 @@ def test_a_failing_hook_is_contained():
 def test_destination_helpers_roundtrip():
     d = dest_make(513, 3, D_PRESERVE_VLAN)
     assert dest_port(d) == 513 and (d >> 16) & 0xFF == 3 and d & D_PRESERVE_VLAN
+
+
+# ---------------------------------------------------------------- hostile injections
+class Forger(FilterExtension):
+    """Originates a packet, then scribbles on the batch it injects."""
+
+    def __init__(self, name, field, value, path="ingress", n=None):
+        super().__init__(name)
+        self.field, self.value, self.path, self.n, self.done = field, value, path, n, False
+
+    def ingress(self, pkts, act):
+        if self.done:
+            return
+        self.done = True
+        b = act.originate()
+        b.append_frames([udp(1, BCAST)])
+        b.meta[self.field, 0] = self.value
+        if self.n is not None:
+            b.n = self.n
+        act.inject(b, self.path)
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    (SRC_PORT, 60000, 19), (SRC_PORT, -5, 19), (SRC_NIC, 200, 19),
+    (OFF, 2**62, 9), (LEN, 2**63 - 1, 9), (OFF, -1, 9)])
+def test_forged_injected_packets_are_dropped_not_followed(field, value, rule):
+    r = Rig()
+    r.sw.install(Forger("forger", field, value))
+    out = r.send(1, udp(1, BCAST))
+    assert set(out) == {2, 3}                       # the port's own frame; not the forgery
+    assert all(len(v) == 1 for v in out.values())
+    v = last_violation(r.sw)
+    assert v.extension == "forger" and v.rule == rule
+    assert r.sw.counters.port_dict(0)["drops_in"] == {R.BUILTIN_REASONS[R.CONTRACT]: 1}
+    still_switches(r)
+
+
+def test_injected_batch_count_beyond_capacity_is_refused():
+    r = Rig()
+    r.sw.install(Forger("forger", DROP, 0, n=10**6))
+    assert set(r.send(1, udp(1, BCAST))) == {2, 3}
+    assert "claiming 1000000 packets" in str(last_violation(r.sw))
+
+
+def test_forged_egress_clone_destinations_are_checked():
+    class BadMirror(StaticFwd):
+        def ingress(self, pkts, act):
+            super().ingress(pkts, act)
+            if pkts.meta[SRC_PORT, 0] == 0:
+                return
+            c = act.clone([0], keep_destinations=True)
+            c.meta[DST0, 0] = 0xFFFF            # a port that does not exist
+            c.meta[NDST, 0] = 1
+            act.inject(c, "egress")
+
+    r = Rig()
+    r.sw.install(BadMirror("fw", [r.ports[2].port_id]))
+    out = r.send(1, udp(1, 2))
+    assert set(out) == {3}
+    assert last_violation(r.sw).rule == 19

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import F_CLONE, F_INJECTED, F_SAFE, FLAGS, NDST, SRC_NIC, SRC_PORT, PacketBatch
+from .batch import DST0, F_CLONE, F_INJECTED, F_SAFE, FLAGS, NDST, SRC_NIC, SRC_PORT, PacketBatch
 from .clone import clone_into
 from .contract import ContractViolation
-from .port import DEFAULT_PORT_ID
+from .port import DEFAULT_PORT_ID, NicState
 
 
 class Actions:
-    __slots__ = ("_switch", "_ext", "_direction", "_stage", "drop", "exclude", "dests",
+    __slots__ = ("_switch", "_ext", "_direction", "drop", "exclude", "dests",
                  "ndst", "ctx", "_batch")
 
-    def __init__(self, switch, ext, direction: str, stage: int, drop=None, exclude=None,
+    def __init__(self, switch, ext, direction: str, drop=None, exclude=None,
                  dests=None, ndst=None, ctx=None):
         self._switch = switch
         self._ext = ext
         self._direction = direction
-        self._stage = stage
         self.drop = drop          # int64[cap], zeroed: a registered reason drops packet i
         self.exclude = exclude    # int64[max_dest, cap]: exclusion reason per destination,
         #                           filled with the current ones; set one to exclude
@@ -36,7 +35,11 @@ class Actions:
 
     # ---- making packets --------------------------------------------------------------
     def clone(self, indices, keep_destinations: bool = False) -> PacketBatch:
-        """Copies of packets ``indices`` of the current batch in a writable batch."""
+        """Copies of packets ``indices`` of the current batch in a writable batch.
+
+        ``keep_destinations`` (the forwarder, on ingress): the clones carry the
+        destinations assigned so far in ``act.dests``/``act.ndst``, ready to be
+        injected on egress (1.6)."""
         kind = self._ext.kind
         if kind == "capture":
             raise ContractViolation(self._ext.name, 3, "capture extensions may not clone packets")
@@ -48,8 +51,12 @@ class Actions:
         if idx.size and (idx.min() < 0 or idx.max() >= src.n):
             raise IndexError(f"clone indices must be in 0..{src.n - 1}")
         out = self._switch.borrow_batch()
-        got = clone_into(src.meta, src.data, out.meta, out.data, idx, keep_destinations)
-        out.n, out.cursor = got
+        out.n, out.cursor = clone_into(src.meta, src.data, out.meta, out.data, idx, False)
+        if keep_destinations and out.n:
+            taken = idx[:out.n]
+            c = np.clip(self.ndst[taken], 0, out.max_dest)
+            out.meta[NDST, :out.n] = c
+            out.meta[DST0:DST0 + out.max_dest, :out.n] = self.dests[:out.max_dest, taken]
         return out
 
     def originate(self) -> PacketBatch:
@@ -60,7 +67,7 @@ class Actions:
         """Re-source packets so that port's policies apply (1.6)."""
         port = self._switch.ports.get(port_id)
         if port_id != DEFAULT_PORT_ID and (port is None or nic_index not in port.nics
-                                           or not port.nics[nic_index].state.name == "CONNECTED"):
+                                           or port.nics[nic_index].state != NicState.CONNECTED):
             raise ContractViolation(self._ext.name, 19,
                                     f"set_source to port {port_id} NIC {nic_index}, "
                                     "which is not a connected NIC")
@@ -84,4 +91,4 @@ class Actions:
         else:
             batch.meta[NDST, :batch.n] = 0      # A.10: recomputed below
         batch.meta[FLAGS, :batch.n] |= F_INJECTED | F_SAFE
-        self._switch.queue_injection(self._ext, batch, path, self._stage)
+        self._switch.queue_injection(self._ext, batch, path)

@@ -155,7 +155,6 @@ class Switch:
         self._seq = 0
         self._stages: list = []
         self._egress_inject_start = None
-        self._stage_of: dict[tuple[int, str], int] = {}
         self._inject_at: dict[int, int] = {}
         self._ctx_rows = 0
         cap, md = batch_capacity, self.max_dest
@@ -305,18 +304,13 @@ class Switch:
         filters = [i for i in enabled if i.ext.kind == "filter"]
         fwd = next((i for i in enabled if i.ext.kind == "forwarding"), None)
         stages: list = []
-        self._stage_of = {}
-
-        def add(inst, direction, fn):
-            self._stage_of[(id(inst.ext), direction)] = len(stages)
-            stages.append(fn)
 
         # Where a packet injected on ingress by an extension enters: right below it,
         # wherever the extension injects from (1.6: underlying extensions see it).
         inject_at: dict[int, int] = {}
         for inst in caps + filters:
             if hasattr(inst.ext, "ingress"):
-                add(inst, "ingress", self._make_stage(inst, "ingress", len(stages)))
+                stages.append(self._make_stage(inst, "ingress"))
             inject_at[id(inst.ext)] = len(stages)
         if fwd is None:
             stages.append(self._builtin)
@@ -326,20 +320,20 @@ class Switch:
             # The forwarder's own originated packets come back to it for destinations.
             inject_at[id(fwd.ext)] = len(stages)
             if hasattr(fwd.ext, "ingress"):
-                add(fwd, "ingress", self._make_stage(fwd, "ingress", len(stages)))
+                stages.append(self._make_stage(fwd, "ingress"))
             else:
                 stages.append(self._no_forwarding)
             if hasattr(fwd.ext, "egress"):
-                add(fwd, "egress", self._make_stage(fwd, "egress", len(stages)))
+                stages.append(self._make_stage(fwd, "egress"))
             self._egress_inject_start = len(stages)
             stages.append(self._builtin_egress)
         for inst in reversed(caps + filters):
             if hasattr(inst.ext, "egress"):
-                add(inst, "egress", self._make_stage(inst, "egress", len(stages)))
+                stages.append(self._make_stage(inst, "egress"))
         self._stages = stages
         self._inject_at = inject_at
 
-    def _make_stage(self, inst: _Installed, direction: str, index: int):
+    def _make_stage(self, inst: _Installed, direction: str):
         """One stage: (prepare), call the hook, merge and check what it did (contract.py).
 
         Which action arrays the hook gets, and which merge kernel checks them, is
@@ -351,10 +345,10 @@ class Switch:
         ctx = self._ctx[inst.slot] if inst.slot >= 0 else None
         counters, cfg = self.counters, self.port_table.cfg
         if ext.kind == "capture":
-            act = Actions(self, ext, direction, index, ctx=ctx)
+            act = Actions(self, ext, direction, ctx=ctx)
             prepare = merge = None
         elif direction == "egress":         # filter or forwarder: drop and exclude only
-            act = Actions(self, ext, direction, index, drop=sd, exclude=sx, ctx=ctx)
+            act = Actions(self, ext, direction, drop=sd, exclude=sx, ctx=ctx)
 
             def prepare(m, n):
                 prefill_exclude(m, sx, n)
@@ -362,13 +356,13 @@ class Switch:
             def merge(m, n):
                 return merge_exclude(m, sd, sx, n, R.EXT_REASON_BASE, counters._next_ext)
         elif ext.kind == "filter":
-            act = Actions(self, ext, direction, index, drop=sd, ctx=ctx)
+            act = Actions(self, ext, direction, drop=sd, ctx=ctx)
             prepare = None
 
             def merge(m, n):
                 return merge_drop(m, sd, n, R.EXT_REASON_BASE, counters._next_ext)
         else:                               # the forwarder on ingress
-            act = Actions(self, ext, direction, index, drop=sd, dests=sdst, ndst=sn, ctx=ctx)
+            act = Actions(self, ext, direction, drop=sd, dests=sdst, ndst=sn, ctx=ctx)
             prepare = None
 
             def merge(m, n):
@@ -440,7 +434,7 @@ class Switch:
             log.exception("extension %r %s hook failed", ext.name, direction, exc_info=exc)
             self._record(ExtensionFault(ext.name, f"{direction} hook", exc, n))
 
-    def queue_injection(self, ext, batch, path, stage) -> None:
+    def queue_injection(self, ext, batch, path) -> None:
         if batch in self._borrowed:
             self._borrowed.remove(batch)
         if path == "egress":

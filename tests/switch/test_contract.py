@@ -430,7 +430,9 @@ def test_a10_forwarder_clone_with_destinations_injected_on_egress():
             if pkts.meta[SRC_PORT, 0] == 0:
                 return
             c = act.clone(list(range(pkts.n)), keep_destinations=True)
-            # the clone goes to p2 only (destinations set before injecting, 1.6)
+            # the clone carries the destinations assigned so far...
+            assert c.meta[NDST, 0] == 1 and dest_port(c.meta[DST0, 0]) == self.targets[0]
+            # ...and goes to p2 instead (destinations set before injecting, 1.6)
             c.meta[DST0, :c.n] = dest_make(self.mirror, 0, 0)
             c.meta[NDST, :c.n] = 1
             act.inject(c, "egress")

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the project needs, each named by a command it provides.
 APT_NEEDS := ip:iproute2 iperf3:iperf3 gcc:gcc tshark:tshark
 
-.PHONY: setup sysdeps demo test bench clean-venv
+.PHONY: setup sysdeps demo test bench clean-cache clean-venv
 
 setup: sysdeps $(STAMP)
 
@@ -41,6 +41,11 @@ test: setup
 bench: setup
 	$(PY) -m pytest -q bench --benchmark-enable --benchmark-only
 	$(VENV)/bin/hvnet bench fastpath
+
+# numba keys its cache by each function's own file: after editing a helper that
+# kernels in other modules inline, drop the cache or they keep the old code.
+clean-cache:
+	find . -path ./$(VENV) -prune -o \( -name '*.nbi' -o -name '*.nbc' \) -print | xargs rm -f
 
 clean-venv:
 	rm -rf $(VENV)

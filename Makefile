@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # Debian packages the project needs, each named by a command it provides.
-APT_NEEDS := ip:iproute2 iperf3:iperf3 gcc:gcc tshark:tshark
+APT_NEEDS := ip:iproute2 ping:iputils-ping iperf3:iperf3 ethtool:ethtool gcc:gcc tshark:tshark
 
 .PHONY: setup sysdeps demo test bench clean-cache clean-venv
 

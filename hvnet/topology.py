@@ -1,0 +1,361 @@
+"""Topology files: the YAML a user writes, validated into plain objects.
+
+Schema (every key not listed is an error; errors name the file, the field and
+what is wrong, and nothing is created from an invalid file)::
+
+    name: demo                      # 1-6 lowercase letters/digits: prefixes every object
+    switches:
+      sw0:
+        extensions:                 # optional, in install order
+          - type: acl-filter        # acl-filter | pcap-capture | flow-forwarder | module:Class
+            args: {...}             # keyword arguments of the extension's constructor
+        uplink:                     # optional: the external port, a veth to `physical` hosts
+          mtu: 1500
+    vms:
+      vm1:
+        nics:
+          - switch: sw0
+            kind: synthetic         # synthetic | e1000 | sriov
+            <port settings>
+    host:                           # host vNICs: internal ports, a tap in a namespace
+      - switch: sw0
+        namespace: host             # default "host"
+        <port settings>
+    physical:                       # machines on the network behind a switch's uplink
+      router:
+        switch: sw0
+        mac: ..., addresses: [...], gateway: ..., vlan: 10   # vlan: tagged on the wire
+
+    <port settings>: mac (required for VM NICs), addresses: [CIDR, ...], gateway,
+      mtu (68-65535, default 1500), vlan: {mode: access, id: N} |
+      {mode: trunk, native: N, allowed: "10,20-30", pruned: [...]} | untagged,
+      security: {mac_spoofing, dhcp_guard, router_guard, storm_limit},
+      acl: [{direction: in|out, action: allow|deny, weight, protocol, local, remote,
+             local_port, remote_port}]
+
+Port settings become the switch's own property objects (switch/properties.py),
+so a value the switch would refuse is refused here, with its place in the file.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from switch.port import mac_to_int, mac_to_str
+from switch.properties import AclProperty, AclRule, SecurityProperty, VlanProperty, vlan_range
+
+NIC_KINDS = ("synthetic", "e1000", "sriov")
+BUILTIN_EXTENSIONS = {
+    "acl-filter": "examples.acl_filter:AclFilter",
+    "pcap-capture": "examples.pcap_capture:PcapCapture",
+    "flow-forwarder": "examples.flow_forwarder:FlowForwarder",
+}
+_NAME = re.compile(r"^[a-z][a-z0-9]{0,5}$")
+_OBJ = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+
+
+class TopologyError(ValueError):
+    """An invalid topology file: ``str()`` is 'FILE: field.path: what is wrong'."""
+
+    def __init__(self, source: str, where: str, what: str):
+        self.source, self.where, self.what = source, where, what
+        super().__init__(f"{source}: {where}: {what}" if where else f"{source}: {what}")
+
+
+@dataclass
+class PortSettings:
+    mac: int | None = None
+    addresses: list[str] = field(default_factory=list)
+    gateway: str | None = None
+    mtu: int = 1500
+    vlan: VlanProperty | None = None
+    security: SecurityProperty | None = None
+    acl: AclProperty | None = None
+
+    def properties(self) -> list:
+        return [p for p in (self.vlan, self.security, self.acl) if p is not None]
+
+
+@dataclass
+class Nic:
+    vm: str
+    index: int
+    switch: str
+    kind: str
+    port: PortSettings
+
+
+@dataclass
+class HostNic:
+    switch: str
+    namespace: str
+    port: PortSettings
+
+
+@dataclass
+class Physical:
+    name: str
+    switch: str
+    mac: int | None
+    addresses: list[str]
+    gateway: str | None
+    vlan: int | None
+
+
+@dataclass
+class Extension:
+    type: str
+    target: str          # "module:Class"
+    args: dict
+
+
+@dataclass
+class SwitchSpec:
+    name: str
+    extensions: list[Extension]
+    uplink: dict | None
+
+
+@dataclass
+class Topology:
+    name: str
+    source: str
+    switches: dict[str, SwitchSpec]
+    vms: dict[str, list[Nic]]
+    host: list[HostNic]
+    physical: dict[str, Physical]
+
+
+class _V:
+    """Walks the parsed YAML with a path, so every error says where it is."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, what: str):
+        raise TopologyError(self.source, where, what)
+
+    def mapping(self, v, where: str, required=(), optional=()) -> dict:
+        if not isinstance(v, dict):
+            self.fail(where, f"expected a mapping, got {type(v).__name__}")
+        allowed = set(required) | set(optional)
+        for k in v:
+            if k not in allowed:
+                self.fail(f"{where}.{k}" if where else str(k),
+                          f"unknown key; expected one of {sorted(allowed)}")
+        for k in required:
+            if k not in v:
+                self.fail(where or "top level", f"missing required key {k!r}")
+        return v
+
+    def listof(self, v, where: str) -> list:
+        if not isinstance(v, list):
+            self.fail(where, f"expected a list, got {type(v).__name__}")
+        return v
+
+    def integer(self, v, where: str, lo: int, hi: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            self.fail(where, f"expected an integer in {lo}..{hi}, got {v!r}")
+        return v
+
+    def boolean(self, v, where: str) -> bool:
+        if not isinstance(v, bool):
+            self.fail(where, f"expected true or false, got {v!r}")
+        return v
+
+    def name(self, v, where: str, longest: int = 8) -> str:
+        # Short, because names end up in 15-character interface names.
+        pattern = _NAME if longest == 6 else _OBJ
+        if not isinstance(v, str) or not pattern.match(v):
+            self.fail(where, f"{v!r} is not a valid name: lowercase letters and digits, "
+                      f"starting with a letter, at most {longest} characters")
+        return v
+
+    def guard(self, where: str, fn, *a, **kw):
+        """Run a switch-side validator; its ValueError becomes an error at ``where``."""
+        try:
+            return fn(*a, **kw)
+        except (ValueError, TypeError) as e:
+            self.fail(where, str(e))
+
+
+PORT_KEYS = ("mac", "addresses", "gateway", "mtu", "vlan", "security", "acl")
+
+
+def _port_settings(v: _V, d: dict, where: str, need_mac: bool, required=()) -> PortSettings:
+    v.mapping(d, where, required=required, optional=PORT_KEYS)
+    ps = PortSettings()
+    if "mac" in d:
+        mac = v.guard(f"{where}.mac", mac_to_int, str(d["mac"]))
+        if mac >> 40 & 1:
+            v.fail(f"{where}.mac", f"{d['mac']} is a multicast address")
+        ps.mac = mac
+    elif need_mac:
+        v.fail(where, "missing required key 'mac'")
+    for k, a in enumerate(v.listof(d.get("addresses", []), f"{where}.addresses")):
+        v.guard(f"{where}.addresses[{k}]", ipaddress.ip_interface, str(a))
+        if "/" not in str(a):
+            v.fail(f"{where}.addresses[{k}]", f"{a!r} needs a prefix length, like 10.0.0.1/24")
+        ps.addresses.append(str(a))
+    if "gateway" in d:
+        v.guard(f"{where}.gateway", ipaddress.ip_address, str(d["gateway"]))
+        ps.gateway = str(d["gateway"])
+    if "mtu" in d:
+        ps.mtu = v.integer(d["mtu"], f"{where}.mtu", 68, 65535)
+    if "vlan" in d:
+        ps.vlan = _vlan(v, d["vlan"], f"{where}.vlan")
+    if "security" in d:
+        s = v.mapping(d["security"], f"{where}.security",
+                      optional=("mac_spoofing", "dhcp_guard", "router_guard", "storm_limit"))
+        ps.security = SecurityProperty(
+            allow_mac_spoofing=v.boolean(s.get("mac_spoofing", False), f"{where}.security.mac_spoofing"),
+            dhcp_guard=v.boolean(s.get("dhcp_guard", False), f"{where}.security.dhcp_guard"),
+            router_guard=v.boolean(s.get("router_guard", False), f"{where}.security.router_guard"),
+            storm_limit=v.integer(s.get("storm_limit", 0), f"{where}.security.storm_limit",
+                                  0, 10**9))
+    if "acl" in d:
+        rules = []
+        for k, r in enumerate(v.listof(d["acl"], f"{where}.acl")):
+            w = f"{where}.acl[{k}]"
+            r = v.mapping(r, w, required=("direction", "action"),
+                          optional=("weight", "protocol", "local", "remote", "local_port",
+                                    "remote_port"))
+            rules.append(v.guard(w, AclRule, str(r["direction"]), str(r["action"]),
+                                 r.get("weight", 1), r.get("protocol", "any"),
+                                 str(r.get("local", "any")), str(r.get("remote", "any")),
+                                 r.get("local_port", "any"), r.get("remote_port", "any")))
+        ps.acl = AclProperty(tuple(rules))
+    return ps
+
+
+def _vlan(v: _V, d, where: str) -> VlanProperty:
+    if d == "untagged":
+        return VlanProperty("untagged")
+    d = v.mapping(d, where, required=("mode",), optional=("id", "native", "allowed", "pruned"))
+    mode = d["mode"]
+    if mode == "access":
+        if "id" not in d:
+            v.fail(where, "access mode needs 'id'")
+        return v.guard(where, VlanProperty, "access", access_vlan=v.integer(d["id"], f"{where}.id", 1, 4094))
+    if mode == "trunk":
+        allowed = v.guard(f"{where}.allowed", vlan_range, d.get("allowed", []))
+        pruned = v.guard(f"{where}.pruned", vlan_range, d.get("pruned", []))
+        return v.guard(where, VlanProperty, "trunk",
+                       native_vlan=v.integer(d.get("native", 0), f"{where}.native", 0, 4094),
+                       allowed=allowed, pruned=pruned)
+    v.fail(f"{where}.mode", f"{mode!r}: expected access or trunk (or vlan: untagged)")
+
+
+def load(path: str | Path) -> Topology:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise TopologyError(str(path), "", f"cannot read: {e.strerror}") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, source: str = "<topology>") -> Topology:
+    v = _V(source)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TopologyError(source, at, f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    doc = v.mapping(doc, "", required=("name", "switches"), optional=("vms", "host", "physical"))
+    name = v.name(doc["name"], "name", 6)
+
+    switches: dict[str, SwitchSpec] = {}
+    for sname, sd in v.mapping(doc["switches"], "switches", optional=doc["switches"] or ()).items():
+        w = f"switches.{sname}"
+        v.name(sname, w)
+        sd = v.mapping(sd or {}, w, optional=("extensions", "uplink"))
+        exts = []
+        for k, e in enumerate(v.listof(sd.get("extensions", []), f"{w}.extensions")):
+            ew = f"{w}.extensions[{k}]"
+            e = v.mapping(e, ew, required=("type",), optional=("args",))
+            t = str(e["type"])
+            target = BUILTIN_EXTENSIONS.get(t, t)
+            if ":" not in target:
+                v.fail(f"{ew}.type", f"{t!r}: expected one of {sorted(BUILTIN_EXTENSIONS)} "
+                       "or module:Class")
+            exts.append(Extension(t, target, dict(v.mapping(e.get("args", {}), f"{ew}.args",
+                                                            optional=e.get("args") or ()))))
+        uplink = None
+        if "uplink" in sd:
+            uplink = dict(v.mapping(sd["uplink"] or {}, f"{w}.uplink", optional=("mtu",)))
+            if "mtu" in uplink:
+                v.integer(uplink["mtu"], f"{w}.uplink.mtu", 68, 65535)
+        switches[sname] = SwitchSpec(sname, exts, uplink)
+    if not switches:
+        v.fail("switches", "at least one switch is needed")
+
+    def switch_ref(s, where):
+        if s not in switches:
+            v.fail(where, f"no switch named {s!r}; switches are {sorted(switches)}")
+        return s
+
+    macs: dict[int, str] = {}
+
+    def unique_mac(mac, where):
+        if mac is None:
+            return
+        if mac in macs:
+            v.fail(where, f"MAC {mac_to_str(mac)} is already used by {macs[mac]}")
+        macs[mac] = where
+
+    vms: dict[str, list[Nic]] = {}
+    for vm, vd in v.mapping(doc.get("vms") or {}, "vms", optional=doc.get("vms") or ()).items():
+        w = f"vms.{vm}"
+        v.name(vm, w)
+        vd = v.mapping(vd, w, required=("nics",))
+        nics = []
+        for k, nd in enumerate(v.listof(vd["nics"], f"{w}.nics")):
+            nw = f"{w}.nics[{k}]"
+            ps = _port_settings(v, nd, nw, need_mac=True, required=("switch", "kind"))
+            kind = nd["kind"]
+            if kind not in NIC_KINDS:
+                v.fail(f"{nw}.kind", f"{kind!r}: expected one of {list(NIC_KINDS)}")
+            unique_mac(ps.mac, f"{nw}.mac")
+            nics.append(Nic(vm, k, switch_ref(nd["switch"], f"{nw}.switch"), kind, ps))
+        if not nics:
+            v.fail(f"{w}.nics", "a VM needs at least one NIC")
+        vms[vm] = nics
+
+    host = []
+    for k, hd in enumerate(v.listof(doc.get("host") or [], "host")):
+        w = f"host[{k}]"
+        v.mapping(hd, w, required=("switch",), optional=PORT_KEYS + ("namespace",))
+        ps = _port_settings(v, {k: x for k, x in hd.items() if k != "namespace"}, w,
+                            need_mac=False, required=("switch",))
+        unique_mac(ps.mac, f"{w}.mac")
+        ns = v.name(hd.get("namespace", "host"), f"{w}.namespace")
+        host.append(HostNic(switch_ref(hd["switch"], f"{w}.switch"), ns, ps))
+
+    physical = {}
+    for pn, pd in v.mapping(doc.get("physical") or {}, "physical",
+                            optional=doc.get("physical") or ()).items():
+        w = f"physical.{pn}"
+        v.name(pn, w)
+        pd = v.mapping(pd, w, required=("switch",),
+                       optional=("mac", "addresses", "gateway", "vlan"))
+        sw = switch_ref(pd["switch"], f"{w}.switch")
+        if switches[sw].uplink is None:
+            v.fail(f"{w}.switch", f"switch {sw!r} has no uplink for {pn!r} to sit behind")
+        ps = _port_settings(v, {k: pd[k] for k in pd if k not in ("vlan", "switch")}, w,
+                            need_mac=False)
+        unique_mac(ps.mac, f"{w}.mac")
+        vid = v.integer(pd["vlan"], f"{w}.vlan", 1, 4094) if "vlan" in pd else None
+        physical[pn] = Physical(pn, sw, ps.mac, ps.addresses, ps.gateway, vid)
+
+    names = list(vms) + [h.namespace for h in host] + list(physical)
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        v.fail("", f"names used twice across vms, host namespaces and physical hosts: "
+               f"{sorted(dup)} (each becomes a network namespace)")
+    return Topology(name, source, switches, vms, host, physical)

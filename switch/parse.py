@@ -16,8 +16,8 @@ F_BAD_LEN) and parsing stops at the bad header; nothing is ever read outside
 from __future__ import annotations
 
 
-from .batch import (ARP_OP, ARP_SHA, ARP_SPA, ARP_TPA, CTAG, DMAC, DPORT, DST_HI,
-                    DST_LO, ETYPE, F_ARP, F_BAD_IHL, F_BAD_LEN, F_BCAST, F_FRAG,
+from .batch import (ARP_OP, ARP_SHA, ARP_SPA, ARP_TPA, CSUM_START, CTAG, DMAC, DPORT, DST_HI,
+                    DST_LO, ETYPE, F_ARP, F_BAD_IHL, F_BAD_LEN, F_BCAST, F_CSUM_PARTIAL, F_FRAG,
                     F_FRAG_LATER, F_ICMP, F_ICMP6, F_IP6_EXT, F_IP_OPTS, F_IPV4,
                     F_IPV6, F_MCAST, F_QINQ, F_QINQ_C, F_RUNT, F_TCP, F_TRUNC, F_UDP,
                     F_VLAN, FLAGS, ICMP_CODE, ICMP_TYPE, L3OFF, L4OFF, LEN, OFF,
@@ -139,6 +139,8 @@ def parse_one(meta, data, i):
         meta[LEN, i] = ln
         if meta[SAFE_LEN, i] >= 4:
             meta[SAFE_LEN, i] -= 4
+        if fl & F_CSUM_PARTIAL and meta[CSUM_START, i] >= 16:
+            meta[CSUM_START, i] -= 4            # offsets count from the frame start
         fl |= F_VLAN
         et = _be16(data, base + 12)
     p = 14

@@ -1,0 +1,12 @@
+"""libc calls made from inside compiled loops (one read()/write() per packet, no Python).
+
+Declared as numba external functions, so kernels that use them stay cacheable
+and NRT-free. Buffers are passed as addresses (``arr.ctypes.data + offset``);
+every caller checks offset and length against the array first.
+"""
+from __future__ import annotations
+
+from numba import types
+
+read = types.ExternalFunction("read", types.intp(types.int32, types.voidptr, types.uintp))
+write = types.ExternalFunction("write", types.intp(types.int32, types.voidptr, types.uintp))

@@ -1,0 +1,185 @@
+"""Tap ports: Linux tap devices with virtio-net headers, moved in compiled loops.
+
+A tap opened with IFF_VNET_HDR and offloads enabled (TUNSETOFFLOAD) hands over
+whole GSO super-packets with their checksum state in a 10-byte virtio_net_hdr,
+and takes them back the same way, so a 64 KiB TCP segment crosses the switch as
+one packet and nobody computes a checksum on the way (DESIGN.md, "Offloads end
+to end"). Receive reads every ready tap into the batch arena, one read() per
+frame, header included; transmit writes header and frame with one write() per
+delivery. Both run as one kernel per batch for all taps of the kind.
+
+virtio_net_hdr (little endian): flags u8 (1 = NEEDS_CSUM, 2 = DATA_VALID),
+gso_type u8 (0 none, 1 TCPv4, 3 UDP, 4 TCPv6, 0x80 ECN), hdr_len u16,
+gso_size u16, csum_start u16, csum_offset u16 — linux/virtio_net.h.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+import numpy as np
+
+from . import counters as R
+from .batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAGGED, F_CSUM_PARTIAL, F_CSUM_VALID, FLAGS,
+                    GSO_SIZE, GSO_TYPE, LEN, OFF, ROW_PAD, init_packet)
+from .delivery import emit_frame
+from .kernel import helper, kernel
+from .portkind import PortKind
+from .syscalls import read, write
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+VNET_HDR = 10
+VNET_F_NEEDS_CSUM = 1
+VNET_F_DATA_VALID = 2
+MAX_FRAME = 65536 + 64          # a GSO super-packet, an 802.1Q tag and a little slack
+
+
+def open_tap(ifname: str, offloads: bool = True) -> int:
+    """Attach to the tap ``ifname`` in this process's current network namespace."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifr)
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR))
+        flags = (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN) if offloads else 0
+        fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, f"cannot attach to tap {ifname!r}: {e.strerror}") from None
+    return fd
+
+
+@helper
+def _le16(a, p):
+    return int(a[p]) | (int(a[p + 1]) << 8)
+
+
+@kernel
+def tap_receive(fds, port_ids, meta, data, budget):
+    """Read ready frames from each tap (round robin) into the batch. Returns (n, cursor)."""
+    cap = meta.shape[1] - ROW_PAD
+    n = 0
+    cursor = 0
+    ntaps = fds.shape[0]
+    idle = 0
+    t = 0
+    while n < cap and idle < ntaps and n < budget:
+        if cursor + VNET_HDR + MAX_FRAME > data.shape[0]:
+            break
+        got = read(fds[t], data.ctypes.data + cursor, VNET_HDR + MAX_FRAME)
+        if got <= VNET_HDR:
+            idle += 1                      # EAGAIN, or nothing usable: next tap
+        else:
+            idle = 0
+            h = cursor
+            init_packet(meta, n, cursor + VNET_HDR, got - VNET_HDR, port_ids[t], 0)
+            fl = data[h]
+            if fl & VNET_F_NEEDS_CSUM:
+                meta[FLAGS, n] |= F_CSUM_PARTIAL
+                meta[CSUM_START, n] = _le16(data, h + 6)
+                meta[CSUM_OFF, n] = _le16(data, h + 8)
+            elif fl & VNET_F_DATA_VALID:
+                meta[FLAGS, n] |= F_CSUM_VALID
+            meta[GSO_TYPE, n] = data[h + 1]
+            meta[GSO_SIZE, n] = _le16(data, h + 4)
+            cursor = (cursor + got + ALIGN - 1) & ~(ALIGN - 1)
+            n += 1
+        t += 1
+        if t == ntaps:
+            t = 0
+    return n, cursor
+
+
+@kernel
+def tap_transmit(meta, data, plan, span, port_ids, fds, txbuf, ctr):
+    """Write each planned frame to its tap, virtio header first (its offload state)."""
+    for pi in range(port_ids.shape[0]):
+        q = port_ids[pi]
+        fd = fds[pi]
+        for j in range(span[q, 0], span[q, 1]):
+            i = plan[0, j]
+            d = plan[1, j]
+            ln = meta[LEN, i]
+            if ln + 4 + VNET_HDR > txbuf.shape[0]:
+                continue
+            for b in range(VNET_HDR):
+                txbuf[b] = 0
+            fl = meta[FLAGS, i]
+            shift = 4 if d & D_TAGGED else 0      # a tag put on moves the offsets by 4
+            if fl & F_CSUM_PARTIAL:
+                txbuf[0] = VNET_F_NEEDS_CSUM
+                cs = meta[CSUM_START, i] + shift
+                txbuf[6] = cs & 0xFF
+                txbuf[7] = cs >> 8
+                txbuf[8] = meta[CSUM_OFF, i] & 0xFF
+                txbuf[9] = meta[CSUM_OFF, i] >> 8
+            elif fl & F_CSUM_VALID:
+                txbuf[0] = VNET_F_DATA_VALID
+            txbuf[1] = meta[GSO_TYPE, i]
+            gs = meta[GSO_SIZE, i]
+            txbuf[4] = gs & 0xFF
+            txbuf[5] = gs >> 8
+            w = emit_frame(txbuf, VNET_HDR, data, meta[OFF, i], ln, d)
+            if write(fd, txbuf.ctypes.data, VNET_HDR + w) < 0:
+                ctr[q, R.TX_PKTS] -= 1
+                ctr[q, R.TX_BYTES] -= ln
+                ctr[q, R.DROP_OUT] += 1
+                ctr[q, R.DROP_OUT_BASE + R.TX_FULL] += 1
+
+
+class TapPorts(PortKind):
+    """The switch side of tap devices: one fd per port, opened with ``open_tap``."""
+    name = "tap"
+
+    def __init__(self):
+        super().__init__()
+        self.fds = np.zeros(0, dtype=np.int64)
+        self._fd_of: dict[int, int] = {}
+        self.txbuf = np.zeros(MAX_FRAME + VNET_HDR + 64, dtype=np.uint8)
+
+    def attach(self, port, fd: int) -> None:
+        """Serve ``port`` with the tap open on ``fd`` (this object closes it on removal)."""
+        self._fd_of[port.port_id] = fd
+        self.port_added(port)
+
+    def port_added(self, port) -> None:
+        super().port_added(port)
+        self._sync()
+
+    def port_removed(self, port) -> None:
+        super().port_removed(port)
+        fd = self._fd_of.pop(port.port_id, None)
+        if fd is not None:
+            os.close(fd)
+        self._sync()
+
+    def _sync(self) -> None:
+        ids = [p for p in self.port_ids.tolist() if p in self._fd_of]
+        self.port_ids = np.array(ids, dtype=np.int64)
+        self.fds = np.array([self._fd_of[p] for p in ids], dtype=np.int64)
+
+    def receive(self, batch) -> int:
+        if not self.fds.shape[0]:
+            return 0
+        n, batch.cursor = tap_receive(self.fds, self.port_ids, batch.meta, batch.data,
+                                      batch.capacity)
+        return n
+
+    def transmit(self, batch, plan, span) -> None:
+        if self.fds.shape[0]:
+            tap_transmit(batch.meta, batch.data, plan, span, self.port_ids, self.fds,
+                         self.txbuf, self.switch.counters.table)
+
+    def close(self) -> None:
+        for fd in self._fd_of.values():
+            os.close(fd)
+        self._fd_of.clear()
+        self.port_ids = np.zeros(0, dtype=np.int64)
+        self._sync()

@@ -30,6 +30,11 @@ class PortKind:
         self.port_ids = np.array([p for p in self.port_ids.tolist() if p != port.port_id],
                                  dtype=np.int64)
 
+    def fds(self) -> list[int]:
+        """File descriptors that become readable when this kind has frames to receive;
+        empty if it cannot be waited on (then the switch polls it)."""
+        return []
+
     def receive(self, batch) -> int:
         """Fill ``batch`` (from 0) with frames from this kind's ports; return the count."""
         return 0

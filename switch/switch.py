@@ -513,6 +513,35 @@ class Switch:
                 self.process(b)
         return got
 
+    def run(self, stop, idle_wait_s: float = 0.05, age_every_s: float = 10.0) -> None:
+        """The data-path loop: poll every port kind; when none had anything, sleep in
+        epoll on their descriptors (kinds without any are polled every millisecond).
+        Returns when the ``stop`` event is set."""
+        import select
+        ep = select.epoll()
+        waited: set[int] = set()
+        last_age = time.monotonic()
+        try:
+            while not stop.is_set():
+                if self.poll():
+                    continue
+                fds = {fd for k in self.kinds for fd in k.fds()}
+                for fd in fds - waited:
+                    ep.register(fd, select.EPOLLIN)
+                for fd in waited - fds:
+                    try:
+                        ep.unregister(fd)
+                    except (OSError, ValueError):
+                        pass               # closed already
+                waited = fds
+                pollable = any(not k.fds() for k in self.kinds)
+                ep.poll(0.001 if pollable or not fds else idle_wait_s)
+                if time.monotonic() - last_age > age_every_s:
+                    self.age()
+                    last_age = time.monotonic()
+        finally:
+            ep.close()
+
     def age(self) -> int:
         """Purge aged MAC entries now (lookups also purge lazily)."""
         n = fdb_age(self.fdb.table, self.clock())

@@ -140,7 +140,7 @@ class TapPorts(PortKind):
 
     def __init__(self):
         super().__init__()
-        self.fds = np.zeros(0, dtype=np.int64)
+        self.fd_array = np.zeros(0, dtype=np.int64)
         self._fd_of: dict[int, int] = {}
         self.txbuf = np.zeros(MAX_FRAME + VNET_HDR + 64, dtype=np.uint8)
 
@@ -163,18 +163,21 @@ class TapPorts(PortKind):
     def _sync(self) -> None:
         ids = [p for p in self.port_ids.tolist() if p in self._fd_of]
         self.port_ids = np.array(ids, dtype=np.int64)
-        self.fds = np.array([self._fd_of[p] for p in ids], dtype=np.int64)
+        self.fd_array = np.array([self._fd_of[p] for p in ids], dtype=np.int64)
+
+    def fds(self) -> list[int]:
+        return list(self._fd_of.values())
 
     def receive(self, batch) -> int:
-        if not self.fds.shape[0]:
+        if not self.fd_array.shape[0]:
             return 0
-        n, batch.cursor = tap_receive(self.fds, self.port_ids, batch.meta, batch.data,
+        n, batch.cursor = tap_receive(self.fd_array, self.port_ids, batch.meta, batch.data,
                                       batch.capacity)
         return n
 
     def transmit(self, batch, plan, span) -> None:
-        if self.fds.shape[0]:
-            tap_transmit(batch.meta, batch.data, plan, span, self.port_ids, self.fds,
+        if self.fd_array.shape[0]:
+            tap_transmit(batch.meta, batch.data, plan, span, self.port_ids, self.fd_array,
                          self.txbuf, self.switch.counters.table)
 
     def close(self) -> None:

@@ -41,9 +41,7 @@ class Running:
 
     def loop(self):
         try:
-            while not self.stop.is_set():
-                if not self.sw.poll():
-                    time.sleep(0.0002)
+            self.sw.run(self.stop)
         except BaseException as e:      # surfaced by the test
             self.error = e
 

@@ -42,6 +42,12 @@ def edge_ingress(meta, data, ctr, start, n):
     for i in range(start, n):
         parse_one(meta, data, i)
         p = meta[SRC_PORT, i]
+        if p < 0 or p >= ctr.shape[0]:
+            # A source no port could have: count it on the default port and drop it.
+            meta[SRC_PORT, i] = 0
+            p = 0
+            if meta[DROP, i] == 0:
+                meta[DROP, i] = R.SOURCE_NOT_CONNECTED
         fl = meta[FLAGS, i]
         ctr[p, RX_PKTS] += 1
         ctr[p, RX_BYTES] += meta[LEN, i] + (4 if fl & F_VLAN else 0)

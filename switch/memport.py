@@ -43,6 +43,10 @@ class MemoryPorts(PortKind):
     def inject(self, port, frames) -> int:
         """Queue frames (bytes) to enter the switch from ``port``. Returns how many fit."""
         pid = port if isinstance(port, int) else port.port_id
+        if pid not in self.port_ids:
+            # The ID indexes the switch's counters and policies: only our own ports.
+            raise ValueError(f"port {pid} is not one of this memory port kind's ports "
+                             f"{self.port_ids.tolist()}")
         if frames and isinstance(frames[0], (bytes, bytearray, memoryview)):
             lens = np.fromiter((len(f) for f in frames), dtype=np.int64, count=len(frames))
             flat = np.frombuffer(b"".join(bytes(f) for f in frames), dtype=np.uint8)

@@ -33,8 +33,14 @@ def test_memory_port_queues_in_order_and_in_batches():
 def test_full_input_queue_refuses_what_does_not_fit():
     m = MemoryPorts(in_frames=4, in_bytes=1 << 12)
     r = Rig(2)
-    r.sw.add_kind(m)
-    assert m.inject(r.ports[0].port_id, [udp(1, BCAST)] * 6) == 4
+    p = r.sw.add_port("p9", "synthetic", mac="02:00:00:00:00:09", kind=m)
+    assert m.inject(p, [udp(9, BCAST)] * 6) == 4
+
+
+def test_inject_only_from_own_ports():
+    r = Rig(2)
+    with pytest.raises(ValueError, match="not one of this memory port kind's ports"):
+        r.mem.inject(9999, [udp(1, BCAST)])
 
 
 def test_full_output_counts_drops_on_the_port():
@@ -93,3 +99,13 @@ def test_egress_capture_leaves_out_dropped_packets(tmp_path):
 def test_capture_direction_is_checked(tmp_path, direction):
     with pytest.raises(ValueError):
         PcapCapture(tmp_path / "x.pcap", direction)
+
+
+def test_a_batch_with_an_impossible_source_is_dropped_not_followed():
+    from switch.batch import SRC_PORT
+    r = Rig(2)
+    b = r.sw.new_batch()
+    b.append_frames([udp(1, BCAST)] * 2, src_port=r.ports[0].port_id)
+    b.meta[SRC_PORT, 1] = 10**9
+    assert r.sw.process(b) == 1
+    assert r.sw.counters.port_dict(0)["drops_in"] == {"source NIC is not connected": 1}

@@ -104,7 +104,8 @@ class Netns:
             with self._ipr(ns_a) as nl:
                 nl.link("add", ifname=if_a, kind="veth", peer=peer)
         except NetlinkError as e:
-            raise NetnsError(f"cannot create veth {if_a!r}<->{if_b!r}: {os.strerror(e.code)}") from e
+            raise NetnsError(f"cannot create veth {if_a!r}<->{if_b!r}: "
+                             f"{os.strerror(e.code)}") from e
         for ns, ifname in (a, b):
             if ns is ROOT:
                 self.root_links.append(ifname)

@@ -212,7 +212,8 @@ def _port_settings(v: _V, d: dict, where: str, need_mac: bool, required=()) -> P
         s = v.mapping(d["security"], f"{where}.security",
                       optional=("mac_spoofing", "dhcp_guard", "router_guard", "storm_limit"))
         ps.security = SecurityProperty(
-            allow_mac_spoofing=v.boolean(s.get("mac_spoofing", False), f"{where}.security.mac_spoofing"),
+            allow_mac_spoofing=v.boolean(s.get("mac_spoofing", False),
+                                         f"{where}.security.mac_spoofing"),
             dhcp_guard=v.boolean(s.get("dhcp_guard", False), f"{where}.security.dhcp_guard"),
             router_guard=v.boolean(s.get("router_guard", False), f"{where}.security.router_guard"),
             storm_limit=v.integer(s.get("storm_limit", 0), f"{where}.security.storm_limit",

@@ -24,7 +24,6 @@ from .kernel import kernel, helper
 
 CAPACITY = 256          # packets per batch
 MAX_DEST = 64           # destination slots per packet (NumElements of the array)
-ARENA = CAPACITY * 2048  # frame bytes per batch; super-packets take more room each
 ALIGN = 64
 # Rows are padded by 8 columns (64 bytes): a power-of-two row stride would put
 # every field of one packet in the same few L1 sets and thrash them (measured:

@@ -233,15 +233,6 @@ def drop_live(meta, n, reason):
     return c
 
 
-@kernel
-def count_nonzero(arr, n):
-    c = 0
-    for i in range(n):
-        if arr[i] != 0:
-            c += 1
-    return c
-
-
 def describe(bits: int) -> list[tuple[int, str]]:
     """V_* bits -> (rule, what happened)."""
     out = []

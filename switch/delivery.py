@@ -16,15 +16,12 @@ import numpy as np
 from . import counters as R
 from .batch import (copy_bytes, D_EXCLUDED, D_PORT_MASK, D_REASON_SHIFT, D_TAGGED, DROP, DST0,
                     F_BCAST, F_MCAST, F_RUNT, F_TRUNC, F_VLAN, FLAGS, LEN, NDST, SRC_PORT)
-from .counters import (DROP_IN, DROP_IN_BASE, DROP_OUT, DROP_OUT_BASE, EXT_DROP_IN, EXT_DROP_OUT, EXT_REASON_BASE,
+from .counters import (DROP_IN, DROP_IN_BASE, DROP_OUT, DROP_OUT_BASE, EXT_DROP_IN,
+                       EXT_DROP_OUT, EXT_REASON_BASE,
                        RX_BCAST, RX_BYTES, RX_MCAST, RX_PKTS, TX_BCAST, TX_BYTES, TX_MCAST,
                        TX_PKTS)
 from .parse import clear_fields, parse_one
 from .kernel import kernel, helper
-
-PLAN_PKT = 0
-PLAN_DEST = 1
-
 
 class DeliveryPlan:
     """Reused arrays: ``plan[:, span[q,0]:span[q,1]]`` are port q's deliveries."""

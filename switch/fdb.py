@@ -2,7 +2,8 @@
 
 Open addressing with linear probing in one int64 array of 4-word entries
 (key, value, last seen, spare): an entry is half a cache line, so a probe costs
-one line, not one per field. The last row holds table-wide values. An entry not refreshed for ``age_ns`` is aged out: treated
+one line, not one per field. The last row holds table-wide values.
+An entry not refreshed for ``age_ns`` is aged out: treated
 as unknown on lookup and purged (backward-shift deletion keeps probe chains
 intact). Counters of learned, purged and moved addresses mirror the switch's
 performance counters (vswitch_vmq_sriov.md 2.7; Msvm_DynamicForwardingEntry).

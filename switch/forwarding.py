@@ -16,7 +16,8 @@ from . import counters as R
 from .batch import DMAC, DROP, DST0, F_MCAST, FLAGS, NDST, SMAC, SRC_NIC, SRC_PORT, VLAN
 from .counters import SW_FLOODED, SW_LEARNED, SW_MOVED, SW_PURGED
 from .fdb import fdb_learn, fdb_lookup
-from .policy import all_excluded, NOT_MEMBER, UNTAGGED, egress_policies, ingress_policies, tag_word, vlan_egress
+from .policy import (NOT_MEMBER, UNTAGGED, all_excluded, egress_policies, ingress_policies,
+                     tag_word, vlan_egress)
 from .properties import C_NIC_PRESENT
 from .kernel import kernel, helper
 
@@ -76,13 +77,6 @@ def forward_one(meta, cfg, fdb, swc, i, now):
     if meta[NDST, i] == 0:
         return R.NO_DEST                        # nobody else on this VLAN
     return 0
-
-
-@kernel
-def forward_stage(meta, cfg, fdb, swc, n, now):
-    for i in range(n):
-        if meta[DROP, i] == 0:
-            meta[DROP, i] = forward_one(meta, cfg, fdb, swc, i, now)
 
 
 @kernel

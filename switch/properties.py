@@ -19,9 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 # ---- VLAN (NDIS_SWITCH_PORT_PROPERTY_VLAN, 2.3) -----------------------------
-VLAN_NONE = 0     # untagged port: only VLAN 0 (untagged or priority-tagged)
-VLAN_ACCESS = 1
-VLAN_TRUNK = 2
 
 
 @dataclass(frozen=True)
@@ -138,7 +135,8 @@ class AclRule:
             raise ValueError(f"ACL weight {self.weight} out of range 0..65535")
         p = self.protocol
         if isinstance(p, str) and p.lower() not in _PROTOS and not p.isdigit():
-            raise ValueError(f"ACL protocol {p!r}: expected tcp, udp, icmp, icmpv6, any or a number")
+            raise ValueError(f"ACL protocol {p!r}: expected tcp, udp, icmp, icmpv6, any "
+                             "or a number")
         self.row()  # validates addresses and ports
 
     def proto_number(self) -> int:
@@ -202,9 +200,6 @@ def property_key(prop) -> tuple[str, object]:
 C_NIC_CONNECTED = 0   # bitmask of connected NIC indexes
 C_NIC_PRESENT = 1     # bitmask of created-or-connected-or-disconnected NICs
 C_TYPE = 2
-C_VLAN_MODE = 3
-C_ACCESS_VLAN = 4
-C_NATIVE_VLAN = 5
 C_MAC = 6
 C_ALLOW_SPOOF = 7
 C_DHCP_GUARD = 8
@@ -243,13 +238,10 @@ class PortTable:
         u = np.zeros(128, dtype=np.uint64)
         c[C_TRUNK] = 0
         if prop is None or prop.mode == "untagged":
-            c[C_VLAN_MODE], c[C_ACCESS_VLAN], c[C_NATIVE_VLAN] = VLAN_NONE, 0, 0
             c[C_UNTAG_VLAN] = 0
         elif prop.mode == "access":
-            c[C_VLAN_MODE], c[C_ACCESS_VLAN], c[C_NATIVE_VLAN] = VLAN_ACCESS, prop.access_vlan, 0
             c[C_UNTAG_VLAN] = prop.access_vlan
         else:
-            c[C_VLAN_MODE], c[C_ACCESS_VLAN], c[C_NATIVE_VLAN] = VLAN_TRUNK, 0, prop.native_vlan
             c[C_UNTAG_VLAN] = prop.native_vlan
             c[C_TRUNK] = 1
             pruned = set(prop.pruned)

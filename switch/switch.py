@@ -525,7 +525,8 @@ class Switch:
             while not stop.is_set():
                 if self.poll():
                     continue
-                fds = {fd for k in self.kinds for fd in k.fds()}
+                per_kind = [k.fds() for k in self.kinds]
+                fds = {fd for kfds in per_kind for fd in kfds}
                 for fd in fds - waited:
                     ep.register(fd, select.EPOLLIN)
                 for fd in waited - fds:
@@ -534,7 +535,7 @@ class Switch:
                     except (OSError, ValueError):
                         pass               # closed already
                 waited = fds
-                pollable = any(not k.fds() for k in self.kinds)
+                pollable = any(not kfds for kfds in per_kind)
                 ep.poll(0.001 if pollable or not fds else idle_wait_s)
                 if time.monotonic() - last_age > age_every_s:
                     self.age()

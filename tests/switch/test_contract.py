@@ -688,8 +688,15 @@ def test_a_failing_hook_is_contained():
 
 
 def test_destination_helpers_roundtrip():
+    from switch.batch import D_TAGGED, dest_excluded, dest_nic, dest_reason, dest_tag
     d = dest_make(513, 3, D_PRESERVE_VLAN)
-    assert dest_port(d) == 513 and (d >> 16) & 0xFF == 3 and d & D_PRESERVE_VLAN
+    assert dest_port(d) == 513 and dest_nic(d) == 3 and d & D_PRESERVE_VLAN
+    assert not dest_excluded(d) and dest_tag(d) == -1
+    e = d | D_EXCLUDED | (77 << 32) | D_TAGGED | (0xA00A << 48)
+    e -= 1 << 64                                 # as the int64 row holds it: priority 5
+    #                                              sets the sign bit, which must not leak
+    assert dest_excluded(e) and dest_reason(e) == 77 and dest_tag(e) == 0xA00A
+    assert dest_port(e) == 513
 
 
 # ---------------------------------------------------------------- hostile injections

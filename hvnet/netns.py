@@ -126,6 +126,27 @@ class Netns:
             self.root_links.append(ifname)
             self._save()
 
+    def add_bridge(self, ns: str | None, ifname: str) -> None:
+        """A Linux bridge (no STP, no VLAN filtering: tagged frames pass as they are)."""
+        _check_ifname(ifname)
+        if ns is ROOT and not self.owns(ifname):
+            raise NetnsError(f"bridge {ifname!r} in the root namespace needs the prefix "
+                             f"{self.prefix!r}-")
+        try:
+            with self._ipr(ns) as nl:
+                nl.link("add", ifname=ifname, kind="bridge", br_stp_state=0,
+                        br_forward_delay=0)
+        except NetlinkError as e:
+            raise NetnsError(f"cannot create bridge {ifname!r}: {os.strerror(e.code)}") from e
+        if ns is ROOT:
+            self.root_links.append(ifname)
+            self._save()
+
+    def set_master(self, ns: str | None, ifname: str, master: str) -> None:
+        with self._ipr(ns) as nl:
+            nl.link("set", index=self._index(nl, ns, ifname),
+                    master=self._index(nl, ns, master))
+
     def set_up(self, ns: str | None, ifname: str, up: bool = True) -> None:
         with self._ipr(ns) as nl:
             nl.link("set", index=self._index(nl, ns, ifname), state="up" if up else "down")

@@ -34,6 +34,7 @@ BAD_SOURCE_MAC = 16
 DEST_NOT_CONNECTED = 17
 MTU = 18
 STORM = 19
+GSO_FAILED = 20
 
 BUILTIN_REASONS = {
     RUNT: "malformed: shorter than an Ethernet header or truncated tag",
@@ -55,6 +56,7 @@ BUILTIN_REASONS = {
     DEST_NOT_CONNECTED: "destination NIC is not connected",
     MTU: "frame exceeds the destination port's MTU",
     STORM: "storm limit: broadcast/multicast over the per-second cap",
+    GSO_FAILED: "could not segment for a port without offloads (bad GSO state)",
 }
 
 # Per-port counter columns

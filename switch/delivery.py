@@ -116,6 +116,16 @@ def finalize(meta, ctr, plan, span, n):
 
 
 @helper
+def tx_failed(ctr, q, ln, d, reason):
+    """Take back a delivery ``finalize`` counted on port ``q`` that its port kind could
+    not make, and count it as dropped there with ``reason``."""
+    ctr[q, TX_PKTS] -= 1
+    ctr[q, TX_BYTES] -= ln + (4 if d & D_TAGGED else 0)
+    ctr[q, DROP_OUT] += 1
+    ctr[q, DROP_OUT_BASE + reason] += 1
+
+
+@helper
 def emit_frame(out, pos, data, off, ln, d):
     """Copy a frame to ``out[pos:]`` as the destination receives it: with the 802.1Q
     tag the switch decided on (D_TAGGED), else untagged. Returns the bytes written;

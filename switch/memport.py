@@ -16,7 +16,7 @@ import numpy as np
 
 from . import counters as R
 from .batch import ALIGN, LEN, OFF, ROW_PAD, copy_bytes, init_packet
-from .delivery import emit_frame
+from .delivery import emit_frame, tx_failed
 from .portkind import PortKind
 from .kernel import kernel
 
@@ -162,10 +162,7 @@ def _transmit(meta, data, plan, span, port_ids, outq, outdata, state, ctr):
             o = state[4]
             if c >= outq.shape[1] or o + ln + 4 > outdata.shape[0]:
                 if keep:
-                    ctr[q, R.TX_PKTS] -= 1
-                    ctr[q, R.TX_BYTES] -= ln
-                    ctr[q, R.DROP_OUT] += 1
-                    ctr[q, R.DROP_OUT_BASE + R.TX_FULL] += 1
+                    tx_failed(ctr, q, ln, d, R.TX_FULL)
                     continue
                 c = 0                       # sink: wrap around and overwrite
                 o = 0

@@ -10,7 +10,8 @@ import struct
 
 import numpy as np
 
-from .batch import copy_bytes, DROP, F_VLAN, FLAGS, LEN, OFF, TCI
+from .batch import (copy_bytes, D_EXCLUDED, D_PORT_MASK, DROP, DST0, F_VLAN, FLAGS, LEN,
+                    NDST, OFF, SRC_PORT, TCI)
 from .kernel import kernel, helper
 
 LINKTYPE_ETHERNET = 1
@@ -26,8 +27,11 @@ def _le32(buf, p, v):
 
 
 @kernel
-def pcap_records(meta, data, n, out, ts_ns, snaplen, live_only):
-    """Write pcap records for the batch into ``out``; returns (bytes used, records)."""
+def pcap_records(meta, data, n, out, ts_ns, snaplen, live_only, port, egress):
+    """Write pcap records for the batch into ``out``; returns (bytes used, records).
+
+    ``port`` >= 0 keeps only that port's traffic: packets it sent in (ingress) or
+    packets with a live destination on it (``egress``, after forwarding)."""
     pos = 0
     recs = 0
     sec = ts_ns // 1000000000
@@ -35,6 +39,17 @@ def pcap_records(meta, data, n, out, ts_ns, snaplen, live_only):
     for i in range(n):
         if live_only and meta[DROP, i] != 0:
             continue
+        if port >= 0:
+            if egress:
+                hit = False
+                for k in range(meta[NDST, i]):
+                    d = meta[DST0 + k, i]
+                    if d & D_PORT_MASK == port and d & D_EXCLUDED == 0:
+                        hit = True
+                if not hit:
+                    continue
+            elif meta[SRC_PORT, i] != port:
+                continue
         ln = meta[LEN, i]
         off = meta[OFF, i]
         tagged = (meta[FLAGS, i] & F_VLAN) != 0 and ln >= 12
@@ -81,8 +96,9 @@ class PcapWriter:
         self._buf = np.zeros(buffer_bytes, dtype=np.uint8)
         self.records = 0
 
-    def write_batch(self, meta, data, n, ts_ns, live_only=True) -> int:
-        used, recs = pcap_records(meta, data, n, self._buf, ts_ns, self.snaplen, live_only)
+    def write_batch(self, meta, data, n, ts_ns, live_only=True, port=-1, egress=False) -> int:
+        used, recs = pcap_records(meta, data, n, self._buf, ts_ns, self.snaplen, live_only,
+                                  port, egress)
         if used:
             self._f.write(memoryview(self._buf)[:used])
         self.records += recs

@@ -23,7 +23,7 @@ import numpy as np
 from . import counters as R
 from .batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAGGED, F_CSUM_PARTIAL, F_CSUM_VALID, FLAGS,
                     GSO_SIZE, GSO_TYPE, LEN, OFF, ROW_PAD, init_packet)
-from .delivery import emit_frame
+from .delivery import emit_frame, tx_failed
 from .kernel import helper, kernel
 from .portkind import PortKind
 from .syscalls import read, write
@@ -128,10 +128,7 @@ def tap_transmit(meta, data, plan, span, port_ids, fds, txbuf, ctr):
             txbuf[5] = gs >> 8
             w = emit_frame(txbuf, VNET_HDR, data, meta[OFF, i], ln, d)
             if write(fd, txbuf.ctypes.data, VNET_HDR + w) < 0:
-                ctr[q, R.TX_PKTS] -= 1
-                ctr[q, R.TX_BYTES] -= ln
-                ctr[q, R.DROP_OUT] += 1
-                ctr[q, R.DROP_OUT_BASE + R.TX_FULL] += 1
+                tx_failed(ctr, q, ln, d, R.TX_FULL)
 
 
 class TapPorts(PortKind):

@@ -505,13 +505,27 @@ class Switch:
         """Receive one batch from each port kind (or one) and switch it. Returns frames in."""
         got = 0
         for k in ([kind] if kind else self.kinds):
+            # Held from receive on: control operations change the kinds' port arrays.
+            with self._dp_lock:
+                b = self._rx
+                b.reset()
+                b.n = k.receive(b)
+                if b.n:
+                    got += b.n
+                    self.process(b)
+        return got
+
+    def warm(self) -> None:
+        """Load (or compile) every kernel of the data path now, so the first packets
+        do not wait for it: one empty batch through every stage and every port kind."""
+        with self._dp_lock:
+            self.poll()
             b = self._rx
             b.reset()
-            b.n = k.receive(b)
-            if b.n:
-                got += b.n
-                self.process(b)
-        return got
+            self.process(b)
+            span = np.zeros_like(self._plan.span)
+            for k in self.kinds:
+                k.transmit(b, self._plan.plan, span)
 
     def run(self, stop, idle_wait_s: float = 0.05, age_every_s: float = 10.0) -> None:
         """The data-path loop: poll every port kind; when none had anything, sleep in

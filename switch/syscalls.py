@@ -10,3 +10,6 @@ from numba import types
 
 read = types.ExternalFunction("read", types.intp(types.int32, types.voidptr, types.uintp))
 write = types.ExternalFunction("write", types.intp(types.int32, types.voidptr, types.uintp))
+# send(fd, NULL, 0, MSG_DONTWAIT) kicks an AF_PACKET transmit ring.
+send = types.ExternalFunction("send", types.intp(types.int32, types.voidptr, types.uintp,
+                                                 types.int32))

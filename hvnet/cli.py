@@ -1,77 +1,518 @@
-"""The ``hvnet`` command line."""
+"""The ``hvnet`` command line.
+
+Topologies: ``up``, ``down``, ``ps``, ``exec``, ``stats``, ``capture``, ``graph``,
+``set`` (a port property at run time), ``vm add`` / ``vm rm``, ``clean``. Also
+``demo`` and ``bench``. Commands that talk to a running topology take ``-t NAME``;
+it may be left out when exactly one topology is up. Every command that prints a
+table takes ``--json`` for scripts. Errors go to stderr with exit status 1 (2 for
+bad arguments or an invalid topology file).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True)
 
 
-def _cmd_demo(args) -> int:
-    from . import demo
-    demo.run(Console(), pcap_path=args.pcap)
+class CliError(Exception):
+    def __init__(self, msg: str, code: int = 1):
+        super().__init__(msg)
+        self.code = code
+
+
+# ----------------------------------------------------------------------- helpers
+def _run_of(name: str | None):
+    """The run directory of topology ``name`` (or of the only one up)."""
+    from .rundir import RunDir, all_runs
+    if name:
+        run = RunDir(name)
+        if not run.exists():
+            raise CliError(f"topology {name!r} is not up (hvnet ps lists what is)")
+        return run
+    runs = [r for r in all_runs() if r.daemon_alive()]
+    if not runs:
+        raise CliError("no topology is up ('hvnet up FILE' starts one)")
+    if len(runs) > 1:
+        raise CliError(f"several topologies are up ({', '.join(r.name for r in runs)}): "
+                       "choose one with -t NAME")
+    return runs[0]
+
+
+def _call(run, op, **args):
+    from .control import ControlError, call
+    try:
+        return call(run.socket, op, **args)
+    except ControlError as e:
+        raise CliError(f"{run.name}: {e}") from None
+
+
+def _status_table(st: dict, addresses: dict | None = None) -> Table:
+    t = Table(title=f"topology {st['name']} ({st['source']})")
+    for c in ("port", "switch", "type", "namespace", "interface", "MAC"):
+        t.add_column(c)
+    if addresses is not None:
+        t.add_column("addresses")
+    for p in st["ports"]:
+        row = [p["port"], p["switch"], p["type"], p["namespace"], p["interface"], p["mac"]]
+        if addresses is not None:
+            row.append(", ".join(addresses.get(p["port"].split(".")[0], [])))
+        t.add_row(*row)
+    return t
+
+
+# ----------------------------------------------------------------------- topologies
+def cmd_up(a) -> int:
+    from .rundir import RunDir
+    from .runtime import check_providers
+    from .topology import load
+    topo = load(a.file)                 # TopologyError: exit 2, nothing created
+    check_providers(topo)
+    _need_root_or_userns()
+    run = RunDir(topo.name)
+    try:
+        run.create()
+    except FileExistsError as e:
+        raise CliError(str(e)) from None
+    if a.fg:
+        import logging
+        from .daemon import serve
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+        def ready(rt):
+            out.print(_status_table(rt.status()))
+            out.print("[dim]running in the foreground; Ctrl-C takes it down[/dim]")
+        try:
+            return serve(a.file, run, on_ready=ready)
+        finally:
+            shutil.rmtree(run.path, ignore_errors=True)
+    with open(run.log, "ab") as logf:
+        p = subprocess.Popen([sys.executable, "-m", "hvnet.daemon", str(Path(a.file).resolve()),
+                              "--run-dir", str(run.path)], stdin=subprocess.DEVNULL,
+                             stdout=logf, stderr=logf, start_new_session=True, cwd="/")
+    deadline = time.monotonic() + a.timeout
+    from .control import ControlError, call
+    while True:
+        rc = p.poll()
+        if rc is not None:
+            msg = run.log.read_text().strip().splitlines() if run.log.exists() else []
+            errors = [m.split(" ERROR ", 1)[1] for m in msg if " ERROR " in m]
+            shutil.rmtree(run.path, ignore_errors=True)
+            raise CliError("the daemon could not bring the topology up: "
+                           + ("; ".join(errors) or f"exit status {rc}"), 2 if rc == 2 else 1)
+        if run.socket.exists():
+            try:
+                st = call(run.socket, "status", timeout=5)
+                break
+            except ControlError:
+                pass
+        if time.monotonic() > deadline:
+            p.kill()
+            p.wait()
+            run.clean()
+            raise CliError(f"the daemon did not come up within {a.timeout:g} s; "
+                           f"removed what it made")
+        time.sleep(0.05)
+    if a.json:
+        print(json.dumps(st))
+    else:
+        from .runtime import Runtime  # noqa: F401  (addresses come from the file)
+        out.print(_status_table(st, _addresses(topo)))
+        out.print(f"[green]up[/green]: daemon pid {p.pid}; 'hvnet exec VM -- CMD' runs "
+                  f"commands in a machine, 'hvnet down {topo.name}' takes it down")
     return 0
 
 
-def _cmd_bench(args) -> int:
-    if args.what == "fastpath":
-        from . import fastpath_bench
-        if not args.json:
-            Console(stderr=True).print(f"[dim]running the in-memory fast path for "
-                                       f"{args.seconds:g} s on one core...[/dim]")
-        r = fastpath_bench.run(seconds=args.seconds, batch=args.batch, peer=not args.no_peer)
-        if args.json:
-            print(json.dumps(r))
-        else:
-            from rich.table import Table
-            t = Table(title="hvnet bench fastpath (in-memory pipeline, one core)")
-            t.add_column("metric")
-            t.add_column("value", justify="right")
-            t.add_row("Mpps per core (CPU time)", f"{r['mpps_per_core']:.2f}")
-            t.add_row("Mpps (wall time)", f"{r['mpps_wall']:.2f}")
-            t.add_row("ns per packet", f"{r['ns_per_packet']:.0f}")
-            if "python_mpps_per_core" in r:
-                t.add_row("plain-Python switch, same run (Mpps per core)",
-                          f"{r['python_mpps_per_core']:.2f}")
-                t.add_row("ratio", f"x{r['ratio_vs_python']:.1f}")
-            t.add_row("packets / delivered / dropped",
-                      f"{r['packets']} / {r['delivered']} / {r['dropped']}")
-            t.add_row("setup", f"{r['ports']} ports, {r['macs']} MACs, {r['frame_bytes']}-byte "
-                      f"frames, batches of {r['batch_size']}, CPU {r['cpu']}")
-            Console().print(t)
+def _addresses(topo) -> dict:
+    d = {vm: [a for n in nics for a in n.port.addresses] for vm, nics in topo.vms.items()}
+    for h in topo.host:
+        d.setdefault(h.namespace, []).extend(h.port.addresses)
+    return d
+
+
+def _need_root_or_userns() -> None:
+    if os.geteuid() == 0:
+        return
+    from .rootless import explain
+    raise CliError(explain())
+
+
+def cmd_down(a) -> int:
+    from .rundir import RunDir, alive
+    run = RunDir(a.name)
+    if not run.exists():
+        raise CliError(f"topology {a.name!r} is not up")
+    info = run.info()
+    if not run.daemon_alive():
+        done = run.clean()
+        out.print(f"{a.name}: the daemon was gone; removed what it left ({len(done)} items)")
         return 0
-    print(f"hvnet bench: unknown benchmark {args.what!r}", file=sys.stderr)
-    return 2
+    _call(run, "down")
+    deadline = time.monotonic() + a.timeout
+    while alive(info["pid"], info.get("start")):
+        if time.monotonic() > deadline:
+            raise CliError(f"{a.name}: the daemon (pid {info['pid']}) did not stop within "
+                           f"{a.timeout:g} s; 'hvnet clean --force {a.name}' kills it")
+        time.sleep(0.05)
+    if run.exists():
+        run.clean()
+    out.print(f"{a.name}: down")
+    return 0
 
 
+def cmd_ps(a) -> int:
+    from .rundir import all_runs
+    rows = []
+    for run in all_runs():
+        info = run.info()
+        up = run.daemon_alive()
+        st = None
+        if up:
+            try:
+                st = _call(run, "status")
+            except CliError:
+                st = None
+        rows.append({"name": run.name, "pid": info.get("pid"),
+                     "state": ("running" if st else "not answering") if up else "dead",
+                     "uptime_s": round(time.time() - info["started"]) if up and
+                     info.get("started") else None,
+                     "ports": len(st["ports"]) if st else None,
+                     "machines": sorted(info.get("machines", {})),
+                     "source": info.get("source"),
+                     "errors": st["errors"] if st else []})
+    if a.json:
+        print(json.dumps(rows))
+        return 0
+    t = Table(title="hvnet topologies")
+    for c in ("name", "state", "pid", "uptime", "ports", "machines", "file"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], r["state"], str(r["pid"]),
+                  f"{r['uptime_s']} s" if r["uptime_s"] is not None else "-",
+                  str(r["ports"] if r["ports"] is not None else "-"),
+                  " ".join(r["machines"]), r["source"] or "-")
+    out.print(t)
+    for r in rows:
+        for e in r["errors"]:
+            err.print(f"[red]{r['name']}: {e}[/red]")
+        if r["state"] == "dead":
+            err.print(f"{r['name']}: its daemon is gone; 'hvnet clean {r['name']}' removes "
+                      "what it left")
+    return 0
+
+
+def cmd_exec(a) -> int:
+    run = _run_of(a.topology)
+    machines = run.info().get("machines", {})
+    if a.vm not in machines:
+        raise CliError(f"{run.name}: no machine {a.vm!r}; machines are {sorted(machines)}")
+    cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+    if not cmd:
+        raise CliError("nothing to run: hvnet exec VM -- COMMAND [ARGS...]", 2)
+    from .nsexec import exec_in
+    try:
+        exec_in(machines[a.vm], cmd)
+    except FileNotFoundError:
+        raise CliError(f"{cmd[0]}: command not found", 127) from None
+    except OSError as e:
+        raise CliError(f"cannot run {cmd[0]!r} in {a.vm}: {e}") from None
+    return 0          # not reached: exec replaced this process
+
+
+def cmd_stats(a) -> int:
+    run = _run_of(a.topology)
+    st = _call(run, "stats", port=a.port)
+    if a.json:
+        print(json.dumps(st))
+        return 0
+    for sname, s in st.items():
+        t = Table(title=f"switch {sname}: {s['fdb_entries']} MACs learned, "
+                  f"extensions: {', '.join(e['name'] for e in s['extensions']) or 'none'}")
+        for c in ("port", "type", "rx pkts", "rx bytes", "tx pkts", "tx bytes",
+                  "dropped in", "dropped out"):
+            t.add_column(c, justify="right" if c not in ("port", "type") else "left")
+        for name, p in s["ports"].items():
+            t.add_row(name, p["type"], str(p["rx_packets"]), str(p["rx_bytes"]),
+                      str(p["tx_packets"]), str(p["tx_bytes"]), str(p["dropped_in"]),
+                      str(p["dropped_out"]))
+        out.print(t)
+        for name, p in s["ports"].items():
+            for side in ("drops_in", "drops_out"):
+                for reason, n in p[side].items():
+                    out.print(f"  {name} {side.replace('_', ' ')}: {n} x {reason}")
+    return 0
+
+
+def cmd_capture(a) -> int:
+    run = _run_of(a.topology)
+    path = str(Path(a.write).resolve())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cid = _call(run, "capture_start", port=a.port, path=path)["id"]
+    err.print(f"capturing {a.port} to {path}"
+              + (f" for {a.seconds:g} s" if a.seconds else "")
+              + (f", up to {a.count} frames" if a.count else "") + "; Ctrl-C stops")
+    t0 = time.monotonic()
+    try:
+        while True:
+            time.sleep(0.1)
+            st = _call(run, "capture_status", id=cid)
+            if a.count and st["frames"] >= a.count:
+                break
+            if a.seconds and time.monotonic() - t0 >= a.seconds:
+                break
+    except KeyboardInterrupt:
+        pass
+    st = _call(run, "capture_stop", id=cid)
+    err.print(f"{st['frames']} frames written to {st['path']}")
+    return 0
+
+
+def cmd_graph(a) -> int:
+    from .graph import render
+    from .topology import load
+    if a.file:
+        topo, running = load(a.file), None
+    else:
+        run = _run_of(a.topology)
+        topo = load(run.info()["source"])
+        stats = _call(run, "stats")
+        running = {n: {"rx_packets": p["rx_packets"], "tx_packets": p["tx_packets"]}
+                   for s in stats.values() for n, p in s["ports"].items()}
+    try:
+        render(topo, a.output, running)
+    except ValueError as e:
+        raise CliError(str(e), 2) from None
+    err.print(f"wrote {a.output}")
+    return 0
+
+
+def cmd_set(a) -> int:
+    run = _run_of(a.topology)
+    key, eq, value = a.setting.partition("=")
+    if not eq:
+        raise CliError(f"expected KEY=VALUE (vlan=..., acl=..., security=...), got "
+                       f"{a.setting!r}", 2)
+    print(_call(run, "set", port=a.port, key=key.strip(), value=value))
+    return 0
+
+
+def cmd_vm(a) -> int:
+    run = _run_of(a.topology)
+    if a.action == "add":
+        if bool(a.file) == bool(a.spec):
+            raise CliError("give the VM's NICs with -f FILE or --spec YAML (one of them)", 2)
+        spec = Path(a.file).read_text() if a.file else a.spec
+        r = _call(run, "add_vm", vm=a.vm, spec=spec)
+        # the machine list is what 'hvnet exec' reads
+        info = run.info()
+        info.setdefault("machines", {})[a.vm] = r["namespace"]
+        run.write_info(machines=info["machines"])
+        print(f"{a.vm}: up, ports {', '.join(r['ports'])}")
+    else:
+        r = _call(run, "remove_vm", vm=a.vm)
+        info = run.info()
+        info.get("machines", {}).pop(a.vm, None)
+        run.write_info(machines=info.get("machines", {}))
+        print(f"{a.vm}: removed (ports {', '.join(r)})")
+    return 0
+
+
+def cmd_clean(a) -> int:
+    from .rundir import RunDir, all_runs
+    runs = [RunDir(a.name)] if a.name else all_runs()
+    total = 0
+    for run in runs:
+        if not run.exists():
+            raise CliError(f"nothing recorded for topology {a.name!r}")
+        if run.daemon_alive() and not a.force:
+            err.print(f"{run.name}: running; left alone ('hvnet down {run.name}', or "
+                      "--force to kill it)")
+            continue
+        done = run.clean(kill_daemon=a.force)
+        total += 1
+        for d in done:
+            out.print(f"{run.name}: removed {d}")
+    if not runs:
+        out.print("nothing to clean")
+    return 0
+
+
+# ----------------------------------------------------------------------- demo, bench
+def cmd_demo(a) -> int:
+    if a.in_memory:
+        from . import demo_memory
+        demo_memory.run(Console(), pcap_path=a.pcap)
+        return 0
+    _need_root_or_userns()
+    from . import demo
+    return demo.run(out, a.topology, iperf_seconds=a.seconds, as_json=a.json)
+
+
+def cmd_bench(a) -> int:
+    if a.what == "fastpath":
+        from . import fastpath_bench
+        if not a.json:
+            err.print(f"[dim]running the in-memory fast path for {a.seconds:g} s on one "
+                      "core...[/dim]")
+        r = fastpath_bench.run(seconds=a.seconds, batch=a.batch, peer=not a.no_peer)
+        if a.json:
+            print(json.dumps(r))
+            return 0
+        t = Table(title="hvnet bench fastpath (in-memory pipeline, one core)")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        t.add_row("Mpps per core (CPU time)", f"{r['mpps_per_core']:.2f}")
+        t.add_row("Mpps (wall time)", f"{r['mpps_wall']:.2f}")
+        t.add_row("ns per packet", f"{r['ns_per_packet']:.0f}")
+        if "python_mpps_per_core" in r:
+            t.add_row("plain-Python switch, same run (Mpps per core)",
+                      f"{r['python_mpps_per_core']:.2f}")
+            t.add_row("ratio", f"x{r['ratio_vs_python']:.1f}")
+        t.add_row("packets / delivered / dropped",
+                  f"{r['packets']} / {r['delivered']} / {r['dropped']}")
+        t.add_row("setup", f"{r['ports']} ports, {r['macs']} MACs, {r['frame_bytes']}-byte "
+                  f"frames, batches of {r['batch_size']}, CPU {r['cpu']}")
+        out.print(t)
+        return 0
+    if a.what == "switch":
+        _need_root_or_userns()
+        from . import switch_bench
+        return switch_bench.main(a, out, err)
+    raise CliError(f"unknown benchmark {a.what!r}", 2)
+
+
+# ----------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvnet", description="Hyper-V's network dataplane on Linux")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", help="run the demo: ports, extensions, traffic, a report")
-    d.add_argument("--pcap", help="where the capture extension writes (default: a temp file)")
-    d.set_defaults(func=_cmd_demo)
-    b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=["fastpath"], help="which benchmark")
-    b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--seconds", type=float, default=5.0, help="measuring time (default 5)")
-    b.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
-    b.add_argument("--no-peer", action="store_true",
-                   help="skip the plain-Python peer measured beside it")
-    b.set_defaults(func=_cmd_bench)
+
+    def topo_opt(sp):
+        sp.add_argument("-t", "--topology", metavar="NAME",
+                        help="the running topology (default: the only one up)")
+
+    s = sub.add_parser("up", help="bring a topology file up (detached)")
+    s.add_argument("file", help="topology file (YAML)")
+    s.add_argument("--fg", action="store_true", help="stay in the foreground")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    s.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for the daemon (default 120)")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("down", help="take a running topology down")
+    s.add_argument("name")
+    s.add_argument("--timeout", type=float, default=30.0)
+    s.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("ps", help="list topologies")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_ps)
+
+    s = sub.add_parser("exec", help="run a command in a machine: hvnet exec VM -- CMD...")
+    topo_opt(s)
+    s.add_argument("vm")
+    s.add_argument("cmd", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_exec)
+
+    s = sub.add_parser("stats", help="port counters and drop reasons")
+    topo_opt(s)
+    s.add_argument("port", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("capture", help="capture a port's frames to a pcap file")
+    topo_opt(s)
+    s.add_argument("port")
+    s.add_argument("-w", "--write", required=True, metavar="FILE")
+    s.add_argument("-c", "--count", type=int, default=0, help="stop after this many frames")
+    s.add_argument("--seconds", type=float, default=0, help="stop after this long")
+    s.set_defaults(func=cmd_capture)
+
+    s = sub.add_parser("graph", help="draw a topology (PNG or SVG)")
+    topo_opt(s)
+    s.add_argument("file", nargs="?", help="a topology file (default: the running one)")
+    s.add_argument("-o", "--output", required=True, help="OUT.png or OUT.svg")
+    s.set_defaults(func=cmd_graph)
+
+    s = sub.add_parser("set", help="change a port property at run time")
+    topo_opt(s)
+    s.add_argument("port", help="port name, as 'hvnet stats' shows it")
+    s.add_argument("setting", help="vlan=YAML | acl=YAML | security=YAML; =none deletes; "
+                   "e.g. 'vlan={mode: access, id: 20}'")
+    s.set_defaults(func=cmd_set)
+
+    s = sub.add_parser("vm", help="add or remove a VM at run time")
+    topo_opt(s)
+    s.add_argument("action", choices=["add", "rm"])
+    s.add_argument("vm")
+    s.add_argument("-f", "--file", help="YAML file with the VM's mapping (nics: [...])")
+    s.add_argument("--spec", help="the VM's mapping as YAML text")
+    s.set_defaults(func=cmd_vm)
+
+    s = sub.add_parser("clean", help="remove what crashed runs left behind")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--force", action="store_true", help="also kill a live daemon")
+    s.set_defaults(func=cmd_clean)
+
+    s = sub.add_parser("demo", help="the demo topology in namespaces: ping, iperf3, a report")
+    s.add_argument("--topology", default=None, help="topology file (default: the demo's)")
+    s.add_argument("--seconds", type=float, default=3.0, help="iperf3 time per test")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--in-memory", action="store_true",
+                   help="the switch alone in memory, no namespaces (no root needed)")
+    s.add_argument("--pcap", help="(--in-memory) where the capture extension writes")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks")
+    s.add_argument("what", choices=["fastpath", "switch"],
+                   help="fastpath: in-memory pipeline; switch: two namespaces through the "
+                   "switch beside a veth pair and a Linux bridge")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--seconds", type=float, default=5.0, help="measuring time (default 5)")
+    s.add_argument("--batch", type=int, default=256, help="(fastpath) batch size")
+    s.add_argument("--no-peer", action="store_true",
+                   help="(fastpath) skip the plain-Python peer measured beside it")
+    s.add_argument("--repeats", type=int, default=1, help="(switch) rounds (default 1)")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
+def _check(a) -> None:
+    if a.cmd == "bench":
+        if a.seconds <= 0:
+            raise CliError("--seconds must be positive", 2)
+        if not 1 <= a.batch <= 4096:
+            raise CliError(f"--batch {a.batch} out of range 1..4096", 2)
+        if not 1 <= a.repeats <= 20:
+            raise CliError(f"--repeats {a.repeats} out of range 1..20", 2)
+    if a.cmd == "capture" and (a.count < 0 or a.seconds < 0):
+        raise CliError("--count and --seconds cannot be negative", 2)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.cmd == "bench":
-        if args.seconds <= 0:
-            print("hvnet bench: --seconds must be positive", file=sys.stderr)
-            return 2
-        if not 1 <= args.batch <= 4096:
-            print(f"hvnet bench: --batch {args.batch} out of range 1..4096", file=sys.stderr)
-            return 2
-    return args.func(args)
+    a = build_parser().parse_args(argv)
+    from .topology import TopologyError
+    try:
+        _check(a)
+        return a.func(a)
+    except CliError as e:
+        print(f"hvnet {a.cmd}: {e}", file=sys.stderr)
+        return e.code
+    except TopologyError as e:
+        print(f"hvnet {a.cmd}: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:
+        print(f"hvnet {a.cmd}: {e} (hvnet needs root, or a user namespace)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``hvnet demo``: the switch in memory, with extensions, traffic and a report.
+"""``hvnet demo --in-memory``: the switch in memory, with extensions, traffic and a report.
 
 An uplink (external port), the host vNIC (internal port) and three VMs
 (synthetic ports; vm1 and vm2 on VLAN 10, vm3 on VLAN 20), the example pcap

@@ -9,13 +9,18 @@ what is wrong, and nothing is created from an invalid file)::
         extensions:                 # optional, in install order
           - type: acl-filter        # acl-filter | pcap-capture | flow-forwarder | module:Class
             args: {...}             # keyword arguments of the extension's constructor
-        uplink:                     # optional: the external port, a veth to `physical` hosts
-          mtu: 1500
+        uplink:                     # optional: the external port (AF_PACKET rings)
+          mtu: 1500                 #   of the simulated wire
+          interface: eth1           #   optional: a real interface instead of the simulated
+                                    #   wire (then no `physical` hosts on this switch)
+          offloads: true            #   virtio-net headers on the rings (default true);
+                                    #   false: the switch segments and checksums itself
+          tpacket: 2                #   AF_PACKET ring version, 2 or 3 (default 2)
     vms:
       vm1:
         nics:
           - switch: sw0
-            kind: synthetic         # synthetic | e1000 | sriov
+            kind: tap               # tap | synthetic | e1000 | sriov (see below)
             <port settings>
     host:                           # host vNICs: internal ports, a tap in a namespace
       - switch: sw0
@@ -33,6 +38,11 @@ what is wrong, and nothing is created from an invalid file)::
       acl: [{direction: in|out, action: allow|deny, weight, protocol, local, remote,
              local_port, remote_port}]
 
+NIC kinds: ``tap`` wires the VM's tap device straight to a switch port (no guest
+driver, no VMBus: the baseline the emulated NICs are measured against);
+``synthetic`` (NetVSC/NetVSP over VMBus), ``e1000`` and ``sriov`` are the NIC
+kinds of Hyper-V, available once their providers exist.
+
 Port settings become the switch's own property objects (switch/properties.py),
 so a value the switch would refuse is refused here, with its place in the file.
 """
@@ -48,7 +58,7 @@ import yaml
 from switch.port import mac_to_int, mac_to_str
 from switch.properties import AclProperty, AclRule, SecurityProperty, VlanProperty, vlan_range
 
-NIC_KINDS = ("synthetic", "e1000", "sriov")
+NIC_KINDS = ("tap", "synthetic", "e1000", "sriov")
 BUILTIN_EXTENSIONS = {
     "acl-filter": "examples.acl_filter:AclFilter",
     "pcap-capture": "examples.pcap_capture:PcapCapture",
@@ -128,6 +138,23 @@ class Topology:
     vms: dict[str, list[Nic]]
     host: list[HostNic]
     physical: dict[str, Physical]
+
+    def namespaces(self) -> list[str]:
+        """The short names of every machine (each one network namespace)."""
+        return list(self.vms) + sorted({h.namespace for h in self.host}) + list(self.physical)
+
+    def macs(self) -> dict[int, str]:
+        out = {}
+        for vm, nics in self.vms.items():
+            for n in nics:
+                out[n.port.mac] = f"vms.{vm}.nics[{n.index}]"
+        for k, h in enumerate(self.host):
+            if h.port.mac is not None:
+                out[h.port.mac] = f"host[{k}]"
+        for p in self.physical.values():
+            if p.mac is not None:
+                out[p.mac] = f"physical.{p.name}"
+        return out
 
 
 class _V:
@@ -251,6 +278,62 @@ def _vlan(v: _V, d, where: str) -> VlanProperty:
     v.fail(f"{where}.mode", f"{mode!r}: expected access or trunk (or vlan: untagged)")
 
 
+def _vm(v: _V, vm, vd, switches: dict, unique_mac) -> list[Nic]:
+    w = f"vms.{vm}"
+    v.name(vm, w)
+    vd = v.mapping(vd, w, required=("nics",))
+    nics = []
+    for k, nd in enumerate(v.listof(vd["nics"], f"{w}.nics")):
+        nw = f"{w}.nics[{k}]"
+        ps = _port_settings(v, nd, nw, need_mac=True, required=("switch", "kind"))
+        kind = nd["kind"]
+        if kind not in NIC_KINDS:
+            v.fail(f"{nw}.kind", f"{kind!r}: expected one of {list(NIC_KINDS)}")
+        unique_mac(ps.mac, f"{nw}.mac")
+        if nd["switch"] not in switches:
+            v.fail(f"{nw}.switch", f"no switch named {nd['switch']!r}; switches are "
+                   f"{sorted(switches)}")
+        nics.append(Nic(vm, k, nd["switch"], kind, ps))
+    if not nics:
+        v.fail(f"{w}.nics", "a VM needs at least one NIC")
+    return nics
+
+
+def parse_vm(topo: Topology, vm: str, text: str, source: str = "<vm>") -> list[Nic]:
+    """Validate a VM added to a running topology: ``text`` is the YAML mapping that
+    would sit under ``vms.<vm>`` in its file. Names and MACs must be new."""
+    v = _V(source)
+    try:
+        vd = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TopologyError(source, "", f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    if vm in topo.namespaces():
+        v.fail(f"vms.{vm}", f"{vm!r} is already a machine of topology {topo.name!r}")
+    macs = topo.macs()
+
+    def unique_mac(mac, where):
+        if mac in macs:
+            v.fail(where, f"MAC {mac_to_str(mac)} is already used by {macs[mac]}")
+        macs[mac] = where
+    return _vm(v, vm, vd, topo.switches, unique_mac)
+
+
+def parse_port_setting(key: str, text: str, source: str = "<setting>"):
+    """One port property from the command line: ``key`` is vlan, security or acl and
+    ``text`` its YAML value as in a topology file; "none" means delete. Returns the
+    switch property object, or None to delete."""
+    v = _V(source)
+    if key not in ("vlan", "security", "acl"):
+        v.fail(key, "expected vlan, security or acl")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TopologyError(source, key, f"not valid YAML: {getattr(e, 'problem', e)}") from None
+    if value in (None, "none"):
+        return None
+    return getattr(_port_settings(v, {key: value}, "port", need_mac=False), key)
+
+
 def load(path: str | Path) -> Topology:
     path = Path(path)
     try:
@@ -289,9 +372,18 @@ def parse(text: str, source: str = "<topology>") -> Topology:
                                                             optional=e.get("args") or ()))))
         uplink = None
         if "uplink" in sd:
-            uplink = dict(v.mapping(sd["uplink"] or {}, f"{w}.uplink", optional=("mtu",)))
+            uplink = dict(v.mapping(sd["uplink"] or {}, f"{w}.uplink",
+                                    optional=("mtu", "interface", "offloads", "tpacket")))
+            if "tpacket" in uplink:
+                v.integer(uplink["tpacket"], f"{w}.uplink.tpacket", 2, 3)
             if "mtu" in uplink:
                 v.integer(uplink["mtu"], f"{w}.uplink.mtu", 68, 65535)
+            if "offloads" in uplink:
+                v.boolean(uplink["offloads"], f"{w}.uplink.offloads")
+            if "interface" in uplink:
+                i = uplink["interface"]
+                if not isinstance(i, str) or not 0 < len(i) <= 15 or "/" in i or " " in i:
+                    v.fail(f"{w}.uplink.interface", f"{i!r} is not an interface name")
         switches[sname] = SwitchSpec(sname, exts, uplink)
     if not switches:
         v.fail("switches", "at least one switch is needed")
@@ -312,22 +404,7 @@ def parse(text: str, source: str = "<topology>") -> Topology:
 
     vms: dict[str, list[Nic]] = {}
     for vm, vd in v.mapping(doc.get("vms") or {}, "vms", optional=doc.get("vms") or ()).items():
-        w = f"vms.{vm}"
-        v.name(vm, w)
-        vd = v.mapping(vd, w, required=("nics",))
-        nics = []
-        for k, nd in enumerate(v.listof(vd["nics"], f"{w}.nics")):
-            nw = f"{w}.nics[{k}]"
-            ps = _port_settings(v, nd, nw, need_mac=True, required=("switch", "kind"))
-            kind = nd["kind"]
-            if kind not in NIC_KINDS:
-                v.fail(f"{nw}.kind", f"{kind!r}: expected one of {list(NIC_KINDS)}")
-            unique_mac(ps.mac, f"{nw}.mac")
-            nics.append(Nic(vm, k, switch_ref(nd["switch"], f"{nw}.switch"), kind, ps))
-        if not nics:
-            v.fail(f"{w}.nics", "a VM needs at least one NIC")
-        vms[vm] = nics
-
+        vms[vm] = _vm(v, vm, vd, switches, unique_mac)
     host = []
     for k, hd in enumerate(v.listof(doc.get("host") or [], "host")):
         w = f"host[{k}]"
@@ -348,13 +425,17 @@ def parse(text: str, source: str = "<topology>") -> Topology:
         sw = switch_ref(pd["switch"], f"{w}.switch")
         if switches[sw].uplink is None:
             v.fail(f"{w}.switch", f"switch {sw!r} has no uplink for {pn!r} to sit behind")
+        if "interface" in switches[sw].uplink:
+            v.fail(f"{w}.switch", f"switch {sw!r}'s uplink is the real interface "
+                   f"{switches[sw].uplink['interface']!r}: physical hosts are only simulated "
+                   "behind a simulated uplink")
         ps = _port_settings(v, {k: pd[k] for k in pd if k not in ("vlan", "switch")}, w,
                             need_mac=False)
         unique_mac(ps.mac, f"{w}.mac")
         vid = v.integer(pd["vlan"], f"{w}.vlan", 1, 4094) if "vlan" in pd else None
         physical[pn] = Physical(pn, sw, ps.mac, ps.addresses, ps.gateway, vid)
 
-    names = list(vms) + [h.namespace for h in host] + list(physical)
+    names = list(vms) + sorted({h.namespace for h in host}) + list(physical)
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         v.fail("", f"names used twice across vms, host namespaces and physical hosts: "

@@ -17,7 +17,7 @@ def hvnet(*args, timeout=300):
 
 def test_demo_runs_and_reports(tmp_path):
     pcap = tmp_path / "demo.pcap"
-    r = hvnet("demo", "--pcap", str(pcap))
+    r = hvnet("demo", "--in-memory", "--pcap", str(pcap))
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "5-tuple ACL deny" in out and "MAC spoofing" in out and "DHCP guard" in out

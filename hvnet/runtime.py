@@ -1,0 +1,457 @@
+"""A topology brought up in network namespaces, with its switches running.
+
+What ``up`` builds, every name carrying the topology's prefix ``<name>-``:
+
+- each VM: namespace ``<name>-<vm>``; each NIC ``k`` the tap ``eth<k>`` there, with
+  the NIC's MAC, MTU, addresses and gateway. The NIC's provider serves it (kind
+  ``tap``: the tap itself is the switch port).
+- each host vNIC (internal port): namespace ``<name>-<ns>`` and the tap
+  ``vEth-<switch>`` in it, served by the switch (vswitch_vmq_sriov.md 2.1).
+- each switch with a simulated uplink: namespace ``<name>-<switch>-lan`` stands for
+  the physical network. The veth ``uplink`` there is the external port (read and
+  written through AF_PACKET rings); its peer ``wire`` is the physical network's
+  side: a Linux bridge ``lan`` with, per physical host P, a veth ``p-<P>`` whose
+  peer is ``eth0`` in namespace ``<name>-<P>``. When a physical host sits on a
+  tagged VLAN, the physical network is instead a plain L2 switch of hvnet's own
+  (``<switch>-lan``: built-in forwarding, the wire as its trunk, each host a tap
+  on an access port), because the kernel's bridge cannot tag without 802.1Q
+  support. An uplink with ``interface:`` uses that existing interface instead.
+
+Each switch runs its data path (``Switch.run``) in a thread of its own; the
+kernels release the GIL. Control operations (a port added, a property changed, a
+capture started) take the switch's data-path lock, so they fall between batches.
+Everything is recorded as it is created (hvnet.netns), so a crashed run can be
+removed by ``hvnet clean``.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+import time
+from pathlib import Path
+
+from pyroute2 import netns as pr_netns
+
+from switch.afpacket import PacketRingPorts, RingSocket
+from switch.port import mac_to_str
+from switch.switch import Switch
+from switch.tap import TapPorts, open_tap
+
+from .capture import PortCapture
+from .netns import Netns
+from .topology import HostNic, Nic, PortSettings, Topology, TopologyError
+
+MAX_PORTS = 256
+log = logging.getLogger("hvnet.daemon")
+
+
+class RuntimeError_(RuntimeError):
+    """A request the running topology cannot carry out; the message says why."""
+
+
+def _in_ns(ns: str | None, fn, *a):
+    """Call ``fn`` with this thread in namespace ``ns`` (sockets and fds opened there
+    stay bound to it), then come back."""
+    if ns is None:
+        return fn(*a)
+    pr_netns.pushns(ns)
+    try:
+        return fn(*a)
+    finally:
+        pr_netns.popns()
+
+
+def host_mac(topology: str, key: str) -> str:
+    """A stable locally administered MAC for a host vNIC the file gave none."""
+    h = hashlib.sha256(f"{topology}/{key}".encode()).digest()
+    return "02:48:56:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
+class TapNic:
+    """NIC kind ``tap``: the VM's tap device is the switch port itself."""
+
+    def __init__(self, rt: "Runtime", nic: Nic):
+        self.rt, self.nic = rt, nic
+        self.ns = rt.nn.name(nic.vm)
+        self.ifname = f"eth{nic.index}"
+        self.port_name = f"{nic.vm}.{self.ifname}"
+
+    def attach(self):
+        rt, ps = self.rt, self.nic.port
+        rt.make_tap(self.ns, self.ifname, mac_to_str(ps.mac), ps)
+        return rt.add_tap_port(self.nic.switch, self.port_name, "synthetic", self.ns,
+                               self.ifname, ps)
+
+
+NIC_PROVIDERS = {"tap": TapNic}
+NOT_YET = {"synthetic": "the synthetic NIC (NetVSC/NetVSP over VMBus)",
+           "e1000": "the emulated e1000 NIC", "sriov": "SR-IOV VF passthrough"}
+
+
+def check_providers(topo: Topology, nics=None) -> None:
+    """Refuse, before anything is created, NIC kinds this build cannot serve."""
+    for vm, vnics in (nics or topo.vms).items():
+        for n in vnics:
+            if n.kind not in NIC_PROVIDERS:
+                raise TopologyError(topo.source, f"vms.{vm}.nics[{n.index}].kind",
+                                    f"{n.kind!r}: {NOT_YET.get(n.kind, n.kind)} is not "
+                                    f"available in this build; kinds that run: "
+                                    f"{sorted(NIC_PROVIDERS)}")
+
+
+class Runtime:
+    def __init__(self, topo: Topology, state_dir: Path):
+        self.topo = topo
+        self.state_dir = Path(state_dir)
+        self.nn = Netns(topo.name, self.state_dir / "netns.json")
+        self.switches: dict[str, Switch] = {}
+        self.taps: dict[str, TapPorts] = {}
+        self.rings: dict[str, PacketRingPorts] = {}
+        self.port_switch: dict[str, str] = {}        # port name -> switch name
+        self.port_ns: dict[str, tuple] = {}          # port name -> (namespace, ifname)
+        self.nics: dict[str, list] = {}               # vm -> providers
+        self.captures: dict[int, PortCapture] = {}
+        self._next_capture = 1
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.errors: list[str] = []
+        self.started = None
+
+    # ---------------------------------------------------------------- building
+    def make_tap(self, ns: str, ifname: str, mac: str, ps: PortSettings) -> None:
+        nn = self.nn
+        nn.add_tap(ns, ifname)
+        nn.set_mac(ns, ifname, mac)
+        nn.set_mtu(ns, ifname, ps.mtu)
+        for a in ps.addresses:
+            nn.add_address(ns, ifname, a)
+        nn.set_up(ns, ifname)
+        if ps.gateway:
+            nn.add_route(ns, "default", ps.gateway)
+
+    def add_tap_port(self, sw_name: str, port_name: str, ptype: str, ns: str, ifname: str,
+                     ps: PortSettings):
+        sw = self.switches[sw_name]
+        fd = _in_ns(ns, open_tap, ifname)
+        try:
+            with sw._dp_lock:
+                port = sw.add_port(port_name, ptype, mac=ps.mac or 0, mtu=ps.mtu,
+                                   kind=self.taps[sw_name], properties=ps.properties())
+                if port is None:
+                    raise RuntimeError_(f"switch {sw_name!r} refused port {port_name!r} "
+                                        "(an extension vetoed it)")
+                self.taps[sw_name].attach(port, fd)
+        except BaseException:
+            import os
+            os.close(fd)
+            raise
+        self.port_switch[port_name] = sw_name
+        self.port_ns[port_name] = (ns, ifname)
+        return port
+
+    def _switch(self, spec) -> None:
+        sw = Switch(spec.name, max_ports=MAX_PORTS)
+        self.switches[spec.name] = sw
+        self.taps[spec.name] = sw.add_kind(TapPorts())
+        self.rings[spec.name] = sw.add_kind(PacketRingPorts())
+        for e in spec.extensions:
+            mod, _, cls = e.target.partition(":")
+            try:
+                import importlib
+                ext = getattr(importlib.import_module(mod), cls)(**e.args)
+            except Exception as exc:
+                raise TopologyError(self.topo.source, f"switches.{spec.name}.extensions",
+                                    f"cannot create {e.type!r}: {exc}") from exc
+            sw.install(ext)
+
+    def _uplink(self, spec) -> None:
+        up = spec.uplink
+        nn = self.nn
+        mtu = up.get("mtu", 1500)
+        if "interface" in up:
+            ns, ifname = None, up["interface"]
+        else:
+            ns = nn.add_namespace(f"{spec.name}-lan")
+            nn.add_veth((ns, "uplink"), (ns, "wire"))
+            for i in ("uplink", "wire"):
+                nn.set_mtu(ns, i, mtu)
+            if self._tagged_lan(spec.name):
+                self._lan_switch(spec.name, ns, mtu)
+            else:
+                nn.add_bridge(ns, "lan")
+                nn.set_mtu(ns, "lan", mtu)
+                nn.set_master(ns, "wire", "lan")
+                nn.set_up(ns, "lan")
+            for i in ("wire", "uplink"):
+                nn.set_up(ns, i)
+            ifname = "uplink"
+        self._ring_port(spec.name, f"{spec.name}.uplink", ns, ifname, mtu,
+                        up.get("offloads", True), up.get("tpacket", 2))
+
+    def _ring_port(self, sw_name, name, ns, ifname, mtu, offloads, version=2) -> None:
+        sock = _in_ns(ns, lambda: RingSocket(ifname, offloads=offloads, version=version))
+        sw = self.switches[sw_name]
+        with sw._dp_lock:
+            port = sw.add_port(name, "external", mtu=mtu, kind=self.rings[sw_name])
+            if port is None:
+                sock.close()
+                raise RuntimeError_(f"switch {sw_name!r} refused its uplink port {name!r}")
+            self.rings[sw_name].attach(port, sock)
+        self.port_switch[name] = sw_name
+        self.port_ns[name] = (ns, ifname)
+
+    def _tagged_lan(self, sw_name: str) -> bool:
+        return any(p.vlan for p in self.topo.physical.values() if p.switch == sw_name)
+
+    def _lan_switch(self, sw_name: str, ns: str, mtu: int) -> None:
+        """The physical network as a plain L2 switch of hvnet's own (built-in
+        forwarding, VLAN access ports, the wire as its trunk), for topologies whose
+        physical hosts sit on tagged VLANs: a Linux bridge cannot tag without the
+        kernel's 802.1Q support, which not every kernel has (this one's does not)."""
+        lan = f"{sw_name}-lan"
+        sw = Switch(lan, max_ports=MAX_PORTS)
+        self.switches[lan] = sw
+        self.taps[lan] = sw.add_kind(TapPorts())
+        self.rings[lan] = sw.add_kind(PacketRingPorts())
+        up = self.topo.switches[sw_name].uplink
+        self._ring_port(lan, f"{lan}.wire", ns, "wire", mtu, True, up.get("tpacket", 2))
+
+    def _physical(self, p) -> None:
+        nn = self.nn
+        lan_ns = nn.name(f"{p.switch}-lan")
+        ns = nn.add_namespace(p.name)
+        mtu = self.topo.switches[p.switch].uplink.get("mtu", 1500)
+        ps = PortSettings(mac=p.mac, addresses=list(p.addresses), gateway=p.gateway, mtu=mtu)
+        if self._tagged_lan(p.switch):
+            from switch.properties import VlanProperty
+            if p.mac is None:
+                from switch.port import mac_to_int
+                ps.mac = mac_to_int(host_mac(self.topo.name, p.name))
+            if p.vlan:
+                ps.vlan = VlanProperty("access", access_vlan=p.vlan)
+            self.make_tap(ns, "eth0", mac_to_str(ps.mac), ps)
+            self.add_tap_port(f"{p.switch}-lan", f"{p.name}.eth0", "synthetic", ns, "eth0", ps)
+            return
+        nn.add_veth((lan_ns, f"p-{p.name}"), (ns, "eth0"))
+        nn.set_master(lan_ns, f"p-{p.name}", "lan")
+        nn.set_mtu(lan_ns, f"p-{p.name}", mtu)
+        nn.set_up(lan_ns, f"p-{p.name}")
+        nn.set_mtu(ns, "eth0", mtu)
+        if p.mac is not None:
+            nn.set_mac(ns, "eth0", mac_to_str(p.mac))
+        for a in p.addresses:
+            nn.add_address(ns, "eth0", a)
+        nn.set_up(ns, "eth0")
+        if p.gateway:
+            nn.add_route(ns, "default", p.gateway)
+
+    def _host_nic(self, k: int, h: HostNic) -> None:
+        ns = self.nn.name(h.namespace)
+        if ns not in self.nn.namespaces:
+            self.nn.add_namespace(h.namespace)
+        ifname = f"vEth-{h.switch}"
+        ps = h.port
+        mac = mac_to_str(ps.mac) if ps.mac is not None else host_mac(self.topo.name, ifname)
+        if ps.mac is None:
+            from switch.port import mac_to_int
+            ps.mac = mac_to_int(mac)
+        self.make_tap(ns, ifname, mac, ps)
+        self.add_tap_port(h.switch, f"{h.namespace}.{ifname}", "internal", ns, ifname, ps)
+
+    def add_vm(self, vm: str, nics: list[Nic]) -> list[str]:
+        check_providers(self.topo, {vm: nics})
+        self.nn.add_namespace(vm)
+        provs = []
+        self.nics[vm] = provs
+        for n in nics:
+            prov = NIC_PROVIDERS[n.kind](self, n)
+            prov.attach()
+            provs.append(prov)
+        self.topo.vms[vm] = nics
+        return [p.port_name for p in provs]
+
+    def remove_vm(self, vm: str) -> list[str]:
+        if vm not in self.topo.vms:
+            raise RuntimeError_(f"no VM {vm!r} in topology {self.topo.name!r}; VMs are "
+                                f"{sorted(self.topo.vms)}")
+        removed = []
+        for prov in self.nics.pop(vm, []):
+            name = prov.port_name
+            sw = self.switches[self.port_switch[name]]
+            for cid, cap in list(self.captures.items()):
+                if cap.port_name == name:
+                    self.capture_stop(cid)
+            with sw._dp_lock:
+                sw.remove_port(name)
+            del self.port_switch[name], self.port_ns[name]
+            removed.append(name)
+        del self.topo.vms[vm]
+        full = self.nn.name(vm)
+        if full in pr_netns.listnetns():
+            pr_netns.remove(full)
+        self.nn.namespaces.remove(full)
+        self.nn._save()
+        return removed
+
+    def up(self) -> None:
+        """Create everything; on any failure remove what was made and re-raise."""
+        check_providers(self.topo)
+        try:
+            for spec in self.topo.switches.values():
+                self._switch(spec)
+            for spec in self.topo.switches.values():
+                if spec.uplink is not None:
+                    self._uplink(spec)
+            for p in self.topo.physical.values():
+                self._physical(p)
+            for k, h in enumerate(self.topo.host):
+                self._host_nic(k, h)
+            vms, self.topo.vms = self.topo.vms, {}
+            for vm, nics in vms.items():
+                self.add_vm(vm, nics)
+        except BaseException:
+            self.teardown()
+            raise
+
+    def start(self) -> None:
+        self.started = time.time()
+        for sw in self.switches.values():
+            sw.warm()
+        for name, sw in self.switches.items():
+            t = threading.Thread(target=self._loop, args=(sw,), name=f"datapath-{name}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _loop(self, sw: Switch) -> None:
+        try:
+            sw.run(self._stop)
+        except BaseException as e:             # reported by status; the daemon goes on
+            self.errors.append(f"switch {sw.name}: data path stopped: {e!r}")
+            log.error("switch %s: data path stopped", sw.name, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        self._threads.clear()
+
+    def teardown(self) -> list[str]:
+        self.stop()
+        for cid in list(self.captures):
+            self.capture_stop(cid)
+        for kinds in (self.taps, self.rings):
+            for k in kinds.values():
+                k.close()
+        return self.nn.teardown()
+
+    # ---------------------------------------------------------------- requests
+    def _find_port(self, name: str):
+        if name not in self.port_switch:
+            raise RuntimeError_(f"no port {name!r}; ports are {sorted(self.port_switch)}")
+        sw = self.switches[self.port_switch[name]]
+        return sw, sw._port(name)
+
+    def set_property(self, port_name: str, key: str, prop) -> str:
+        """Set (or with ``prop`` None delete) a port's vlan, security or acl property;
+        it takes effect from the next batch."""
+        from switch.extension import NdisStatus
+        from switch.properties import property_key
+        sw, port = self._find_port(port_name)
+        cls = {"vlan": "VlanProperty", "security": "SecurityProperty", "acl": "AclProperty"}[key]
+        if prop is None:
+            pk = next((k for k in port.properties if k[0] == cls), None)
+            if pk is None:
+                return f"{port_name}: no {key} property to delete"
+            status = sw.delete_port_property(port, pk)
+        else:
+            assert property_key(prop)[0] == cls
+            status = sw.update_port_property(port, prop)
+        if status != NdisStatus.SUCCESS:
+            raise RuntimeError_(f"{port_name}: an extension vetoed the {key} change "
+                                f"({status.name})")
+        return f"{port_name}: {key} {'deleted' if prop is None else 'set'}"
+
+    def capture_start(self, port_name: str, path: str) -> int:
+        sw, port = self._find_port(port_name)
+        cap = PortCapture(path, port.port_id, port_name)
+        with sw._dp_lock:
+            sw.install(cap)
+        cid = self._next_capture
+        self._next_capture += 1
+        self.captures[cid] = cap
+        return cid
+
+    def capture_status(self, cid: int) -> dict:
+        cap = self.captures.get(cid)
+        if cap is None:
+            raise RuntimeError_(f"no capture {cid}")
+        return {"id": cid, "port": cap.port_name, "path": cap.path, "frames": cap.frames}
+
+    def capture_stop(self, cid: int) -> dict:
+        cap = self.captures.pop(cid, None)
+        if cap is None:
+            raise RuntimeError_(f"no capture {cid}")
+        sw = self.switches[self.port_switch[cap.port_name]]
+        with sw._dp_lock:
+            sw.uninstall(cap.name)
+        cap.close()
+        return {"id": cid, "port": cap.port_name, "path": cap.path, "frames": cap.frames}
+
+    def stats(self, port: str | None = None) -> dict:
+        out = {}
+        for name, sw in self.switches.items():
+            with sw._dp_lock:
+                s = sw.stats()
+            if port is not None:
+                s["ports"] = {k: v for k, v in s["ports"].items() if k == port}
+                if not s["ports"]:
+                    continue
+            out[name] = s
+        if port is not None and not out:
+            raise RuntimeError_(f"no port {port!r}; ports are {sorted(self.port_switch)}")
+        return out
+
+    def status(self) -> dict:
+        ports = []
+        for name in sorted(self.port_switch):
+            sw, p = self._find_port(name)
+            ns, ifname = self.port_ns[name]
+            ports.append({"port": name, "switch": sw.name, "type": p.type.name.lower(),
+                          "id": p.port_id, "namespace": ns or "(root)", "interface": ifname,
+                          "mac": self._mac_of(name)})
+        return {"name": self.topo.name, "source": self.topo.source, "started": self.started,
+                "switches": {n: [e.name for e in sw.enabled_extensions()]
+                             for n, sw in self.switches.items()},
+                "machines": {m: self.nn.name(m) for m in self.topo.namespaces()},
+                "ports": ports, "errors": list(self.errors)}
+
+    def _mac_of(self, port_name: str) -> str:
+        vm, _, ifname = port_name.partition(".")
+        if vm in self.topo.vms:
+            return mac_to_str(self.topo.vms[vm][int(ifname[3:])].port.mac)
+        for h in self.topo.host:
+            if port_name == f"{h.namespace}.vEth-{h.switch}":
+                return mac_to_str(h.port.mac)
+        return "-"
+
+    def addresses(self) -> dict[str, list[str]]:
+        """Machine -> its IP addresses from the file (for tables and the demo)."""
+        out: dict[str, list[str]] = {}
+        for vm, nics in self.topo.vms.items():
+            out[vm] = [a for n in nics for a in n.port.addresses]
+        for h in self.topo.host:
+            out.setdefault(h.namespace, []).extend(h.port.addresses)
+        for p in self.topo.physical.values():
+            out[p.name] = list(p.addresses)
+        return out
+
+
+def first_ipv4(addrs: list[str]) -> str | None:
+    for a in addrs:
+        i = ipaddress.ip_interface(a)
+        if i.version == 4:
+            return str(i.ip)
+    return None

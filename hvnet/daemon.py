@@ -79,6 +79,9 @@ def serve(topology_path: str, run: RunDir, on_ready=None) -> int:
             on_ready(rt)
         server.serve(stop)
         return 0
+    except TopologyError as e:              # found only while building: still the file's fault
+        log.error("%s", e)
+        return 2
     except Exception as e:
         log.error("%s", e, exc_info=not isinstance(e, (TopologyError, OSError,
                                                        RuntimeError)))

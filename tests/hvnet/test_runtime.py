@@ -310,3 +310,46 @@ def test_kill_9_then_clean_leaves_nothing(tmp_path):
     finally:
         if ours(name):
             hvnet(env, "clean", "--force")
+
+
+# ---------------------------------------------------------------- invalid files create nothing
+BAD = {
+    "unknown key": (TOPO + "colour: blue\n", "colour: unknown key"),
+    "bad MAC": (TOPO.replace('"02:00:00:88:00:02"', '"02:00:00:88:00"'),
+                "vms.vm2.nics[0].mac"),
+    "duplicate MAC": (TOPO.replace('"02:00:00:88:00:02"', '"02:00:00:88:00:01"'),
+                      "already used by vms.vm1.nics[0]"),
+    "unknown switch": (TOPO.replace("{switch: sw0, kind: tap, mac: \"02:00:00:88:00:02\"",
+                                    "{switch: sw9, kind: tap, mac: \"02:00:00:88:00:02\""),
+                       "vms.vm2.nics[0].switch: no switch named 'sw9'"),
+    "VLAN out of range": (TOPO.replace("id: 10}", "id: 4095}", 1),
+                          "vms.vm1.nics[0].vlan.id"),
+    "not YAML": ("name: [unclosed\n", "not valid YAML"),
+    "NIC kind not built": (TOPO.replace("kind: tap, mac: \"02:00:00:88:00:02\"",
+                                        "kind: sriov, mac: \"02:00:00:88:00:02\""),
+                           "vms.vm2.nics[0].kind: 'sriov'"),
+    "extension that cannot start": (TOPO.replace("    uplink: {mtu: 1500}",
+                                                 "    uplink: {mtu: 1500}\n    extensions:\n"
+                                                 "      - {type: acl-filter, args: {bogus: 1}}"),
+                                    "cannot create 'acl-filter'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_invalid_topology_says_where_and_creates_nothing(case, tmp_path):
+    text, want = BAD[case]
+    name = f"b{os.getpid() % 10000}"
+    env = {**os.environ, "HVNET_STATE_DIR": str(tmp_path / "state")}
+    f = tmp_path / "bad.yaml"
+    f.write_text(text.replace(f"name: {NAME}", f"name: {name}"))
+    before = set(netns.listnetns())
+    try:
+        r = hvnet(env, "up", str(f))
+        assert r.returncode == 2, r.stderr
+        assert want in r.stderr
+        assert str(f) in r.stderr or case == "extension that cannot start"
+        assert set(netns.listnetns()) == before
+        assert not (tmp_path / "state" / name).exists()
+    finally:
+        if (tmp_path / "state" / name).exists():      # it came up after all: take it down
+            hvnet(env, "clean", "--force")

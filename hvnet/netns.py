@@ -151,6 +151,26 @@ class Netns:
         with self._ipr(ns) as nl:
             nl.link("set", index=self._index(nl, ns, ifname), state="up" if up else "down")
 
+    def set_tx_checksum(self, ns: str | None, ifname: str, on: bool) -> None:
+        """Transmit checksum offload (and with it TSO) on or off, as ``ethtool -K tx``:
+        off, the interface sends only complete frames with finished checksums."""
+        from pyroute2.ethtool import Ethtool
+        if ns is not ROOT:
+            netns.pushns(ns)
+        try:
+            et = Ethtool()
+            try:
+                f = et.get_features(ifname)
+                f.features["tx-checksum-ip-generic"].enable = on
+                et.set_features(ifname, f)
+            finally:
+                et.close()
+        except Exception as e:
+            raise NetnsError(f"cannot set tx checksum offload of {ifname!r}: {e}") from e
+        finally:
+            if ns is not ROOT:
+                netns.popns()
+
     def set_mtu(self, ns: str | None, ifname: str, mtu: int) -> None:
         if not 68 <= mtu <= 65535:
             raise NetnsError(f"MTU {mtu} of {ifname!r} out of range 68..65535")

@@ -216,7 +216,9 @@ class Runtime:
         self.taps[lan] = sw.add_kind(TapPorts())
         self.rings[lan] = sw.add_kind(PacketRingPorts())
         up = self.topo.switches[sw_name].uplink
-        self._ring_port(lan, f"{lan}.wire", ns, "wire", mtu, True, up.get("tpacket", 2))
+        # The wire carries what the uplink can take: no offloads there, none here.
+        self._ring_port(lan, f"{lan}.wire", ns, "wire", mtu, up.get("offloads", True),
+                        up.get("tpacket", 2))
 
     def _physical(self, p) -> None:
         nn = self.nn
@@ -239,6 +241,10 @@ class Runtime:
         nn.set_mtu(lan_ns, f"p-{p.name}", mtu)
         nn.set_up(lan_ns, f"p-{p.name}")
         nn.set_mtu(ns, "eth0", mtu)
+        if not self.topo.switches[p.switch].uplink.get("offloads", True):
+            # An uplink without virtio headers must be sent complete frames, as a real
+            # NIC receives them (baseline.md's "-txoff" topologies).
+            nn.set_tx_checksum(ns, "eth0", False)
         if p.mac is not None:
             nn.set_mac(ns, "eth0", mac_to_str(p.mac))
         for a in p.addresses:

@@ -255,6 +255,14 @@ def _tx_commit(ring, f, length, state, frame_nr, lay):
     state[S_TX] = (state[S_TX] + 1) % frame_nr
 
 
+@helper
+def _flush_and_retry(fd, ring, tx_base, frame_size, lay, state, bad):
+    """The ring is full of frames not yet sent: have the kernel send them now (on a
+    veth it is done, and the frames free, when send() returns) and look again."""
+    send(fd, ring.ctypes.data, 0, MSG_DONTWAIT)
+    return _tx_slot(ring, tx_base, frame_size, lay, state, bad)
+
+
 @kernel
 def ring_transmit(meta, data, plan, span, port_ids, fds, rings, tx_bases, frame_size,
                   frame_nr, lay, states, vnets, scratch, seglens, ctr, bad):
@@ -273,6 +281,10 @@ def ring_transmit(meta, data, plan, span, port_ids, fds, rings, tx_bases, frame_
             fl = meta[FLAGS, i]
             if vnets[pi]:
                 f = _tx_slot(ring, tx_bases[pi], frame_size, lay, state, bad)
+                if f < 0 and queued:
+                    f = _flush_and_retry(fds[pi], ring, tx_bases[pi], frame_size, lay, state,
+                                         bad)
+                    queued = 0
                 if f < 0 or lay[2] + VNET_HDR + ln + 4 > frame_size:
                     tx_failed(ctr, q, ln, d, R.TX_FULL)
                     continue
@@ -305,6 +317,10 @@ def ring_transmit(meta, data, plan, span, port_ids, fds, rings, tx_bases, frame_
                 for s in range(nseg):
                     sl = seglens[s]
                     f = _tx_slot(ring, tx_bases[pi], frame_size, lay, state, bad)
+                    if f < 0 and queued:
+                        f = _flush_and_retry(fds[pi], ring, tx_bases[pi], frame_size, lay,
+                                             state, bad)
+                        queued = 0
                     if f < 0 or lay[2] + sl > frame_size:
                         tx_failed(ctr, q, ln, d, R.TX_FULL)
                         break

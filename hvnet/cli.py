@@ -141,10 +141,9 @@ def _addresses(topo) -> dict:
 
 
 def _need_root_or_userns() -> None:
-    if os.geteuid() == 0:
-        return
-    from .rootless import explain
-    raise CliError(explain())
+    from .rootless import explain, userns_blockers, wanted
+    if wanted() and userns_blockers():
+        raise CliError(explain())
 
 
 def cmd_down(a) -> int:
@@ -216,10 +215,11 @@ def cmd_exec(a) -> int:
     machines = run.info().get("machines", {})
     if a.vm not in machines:
         raise CliError(f"{run.name}: no machine {a.vm!r}; machines are {sorted(machines)}")
-    cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+    cmd = a.command[1:] if a.command and a.command[0] == "--" else a.command
     if not cmd:
         raise CliError("nothing to run: hvnet exec VM -- COMMAND [ARGS...]", 2)
-    from .nsexec import exec_in
+    from .nsexec import adopt, exec_in
+    adopt(run.info())
     try:
         exec_in(machines[a.vm], cmd)
     except FileNotFoundError:
@@ -385,7 +385,9 @@ def cmd_bench(a) -> int:
         out.print(t)
         return 0
     if a.what == "switch":
-        _need_root_or_userns()
+        if os.geteuid() != 0:
+            raise CliError("bench switch builds its peers (a veth pair, a Linux bridge) in "
+                           "the host's namespaces: it needs root")
         from . import switch_bench
         return switch_bench.main(a, out, err)
     raise CliError(f"unknown benchmark {a.what!r}", 2)
@@ -420,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("exec", help="run a command in a machine: hvnet exec VM -- CMD...")
     topo_opt(s)
     s.add_argument("vm")
-    s.add_argument("cmd", nargs=argparse.REMAINDER)
+    s.add_argument("command", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_exec)
 
     s = sub.add_parser("stats", help="port counters and drop reasons")
@@ -499,6 +501,9 @@ def _check(a) -> None:
 
 
 def main(argv=None) -> int:
+    # Before numpy is imported: no OpenBLAS thread pool, so 'up --fg' can unshare a
+    # user namespace (hvnet.rootless); hvnet does no linear algebra.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     a = build_parser().parse_args(argv)
     from .topology import TopologyError
     try:

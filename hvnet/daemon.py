@@ -17,7 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-from .control import ControlServer
+# numpy's OpenBLAS starts a thread pool on import, and a process with threads
+# cannot unshare a user namespace (rootless mode). hvnet does no linear algebra.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from .control import ControlServer  # noqa: E402 (after the environment above)
+from .rootless import enter_own, wanted
 from .rundir import RunDir, start_time
 from .runtime import Runtime, check_providers
 from .topology import TopologyError, load, parse_port_setting, parse_vm
@@ -53,12 +58,23 @@ def handlers(rt: Runtime, stop: threading.Event) -> dict:
 def serve(topology_path: str, run: RunDir, on_ready=None) -> int:
     """Bring the topology up, serve until stopped, take it down. The run directory
     must exist (claimed by the caller). Returns the exit status."""
+    if wanted():
+        netns_dir = run.path / "netns"
+        enter_own(netns_dir)           # before any thread: unshare needs one
+        run.write_info(rootless=True, netns_dir=str(netns_dir))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         topo = load(topology_path)
         check_providers(topo)
+        if wanted():
+            for spec in topo.switches.values():
+                if spec.uplink and "interface" in spec.uplink:
+                    raise TopologyError(topo.source, f"switches.{spec.name}.uplink.interface",
+                                        "a real interface needs root: a rootless run "
+                                        "lives in a user namespace with no rights on "
+                                        "the host's interfaces")
     except TopologyError as e:
         log.error("%s", e)
         return 2

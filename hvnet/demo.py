@@ -76,7 +76,9 @@ def run(console: Console, topology: str | None = None, iperf_seconds: float = 3.
         return 1
     st = json.loads(r.stdout)
     name = st["name"]
-    machines = RunDir(name).info()["machines"]
+    info = RunDir(name).info()
+    machines = info["machines"]
+    nsexec.adopt(info)
     results = []
     ok = True
     try:

@@ -98,14 +98,21 @@ class Netns:
                 raise NetnsError(f"{ifname!r} would be created outside the topology's "
                                  f"namespaces without its prefix {self.prefix!r}-")
         peer = {"ifname": if_b}
+        fd = None
         if ns_b is not ROOT:
-            peer["net_ns_fd"] = ns_b
+            # By descriptor: pyroute2 would look a name up in /var/run/netns, and a
+            # rootless run keeps its namespaces elsewhere (hvnet.rootless).
+            fd = os.open(os.path.join(netns.NETNS_RUN_DIR, ns_b), os.O_RDONLY | os.O_CLOEXEC)
+            peer["net_ns_fd"] = fd
         try:
             with self._ipr(ns_a) as nl:
                 nl.link("add", ifname=if_a, kind="veth", peer=peer)
         except NetlinkError as e:
             raise NetnsError(f"cannot create veth {if_a!r}<->{if_b!r}: "
                              f"{os.strerror(e.code)}") from e
+        finally:
+            if fd is not None:
+                os.close(fd)
         for ns, ifname in (a, b):
             if ns is ROOT:
                 self.root_links.append(ifname)

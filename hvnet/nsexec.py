@@ -13,9 +13,29 @@ import subprocess
 from pyroute2 import netns
 
 
+# Namespaces of rootless runs: name -> (daemon pid, its netns directory). Entering
+# one takes joining the daemon's user and mount namespaces first (hvnet.rootless).
+_rootless: dict[str, tuple[int, str]] = {}
+
+
+def adopt(info: dict) -> None:
+    """Learn a run's machines from its daemon.json (needed for rootless runs)."""
+    if info.get("rootless"):
+        for full in info.get("machines", {}).values():
+            _rootless[full] = (info["pid"], info["netns_dir"])
+
+
+def enter(ns: str) -> None:
+    """Move this (single-threaded) process into network namespace ``ns``."""
+    if ns in _rootless:
+        from .rootless import join
+        join(*_rootless[ns])
+    netns.setns(ns)
+
+
 def _enter(ns: str):
     def pre():
-        netns.setns(ns)
+        enter(ns)
     return pre
 
 
@@ -61,5 +81,5 @@ def stop(p: subprocess.Popen, grace: float = 3.0) -> None:
 
 def exec_in(ns: str, argv: list[str]) -> None:
     """Replace this process by ``argv`` running in ``ns`` (``hvnet exec``)."""
-    netns.setns(ns)
+    enter(ns)
     os.execvp(argv[0], argv)

@@ -394,3 +394,30 @@ def test_uplink_without_offloads_segments_in_the_switch(tmp_path):
         assert up["dropped_out"] == 0
     finally:
         hvnet(env, "clean", "--force")
+
+
+# ---------------------------------------------------------------- rootless
+def test_rootless_run_lives_in_its_own_user_namespace(tmp_path):
+    """HVNET_ROOTLESS=1 takes the path a non-root user takes (hvnet.rootless): the
+    daemon unshares a user, mount and network namespace and keeps its machines'
+    namespaces to itself; hvnet exec joins them; they die with the daemon."""
+    name = f"u{os.getpid() % 10000}"
+    env = {**os.environ, "HVNET_STATE_DIR": str(tmp_path / "state"), "HVNET_ROOTLESS": "1"}
+    f = tmp_path / "u.yaml"
+    f.write_text(TOPO.replace(f"name: {NAME}", f"name: {name}"))
+    try:
+        hvnet(env, "up", str(f), check=True)
+        info = json.loads((tmp_path / "state" / name / "daemon.json").read_text())
+        assert info["rootless"] and not ours(name)     # nothing in the host's /run/netns
+        assert Path(f"/proc/{info['pid']}/ns/user").resolve() != \
+            Path("/proc/self/ns/user").resolve()
+        for src, dst in (("vm1", "10.88.10.2"), ("host", "10.88.0.2")):
+            r = hvnet(env, "exec", "-t", name, src, "--", "ping", "-c", "2", "-W", "1", dst)
+            assert r.returncode == 0, r.stdout + r.stderr
+        r = hvnet(env, "exec", "-t", name, "vm1", "--", "cat", "/proc/self/uid_map")
+        assert r.stdout.split()[:2] == ["0", str(os.geteuid())]
+        os.kill(info["pid"], signal.SIGKILL)
+        hvnet(env, "clean", check=True)
+        assert not (tmp_path / "state" / name).exists()
+    finally:
+        hvnet(env, "clean", "--force")

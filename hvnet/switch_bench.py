@@ -1,0 +1,93 @@
+"""``hvnet bench switch``: two namespaces through hvnet's switch, beside the peers.
+
+The same two endpoints as baseline.md (10.9.0.1 and 10.9.0.2, fixed MACs, default
+offloads) joined in turn by a direct veth pair, a Linux bridge, and two hvnet
+paths brought up by the real daemon (``hvnet up``):
+
+- ``hvnet tap-tap``: two VMs whose NICs are tap ports of one switch;
+- ``hvnet internal-uplink``: the host vNIC (internal port, a tap) to a host on the
+  physical network behind the uplink (AF_PACKET rings on a veth, a Linux bridge
+  on the far side).
+
+Measurements and the table come from hvnet.e2e (iperf3 TCP with 1 and 4 streams,
+64-byte UDP packets per second, ping), every path built and torn down per round,
+ratios against the veth pair of the same run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Iterator
+
+from . import e2e
+
+TOPOLOGIES = {
+    "tap-tap": """
+name: {name}
+switches: {{sw0: {{}}}}
+vms:
+  a: {{nics: [{{switch: sw0, kind: tap, mac: "{a_mac}", addresses: [{a_ip}/24]}}]}}
+  b: {{nics: [{{switch: sw0, kind: tap, mac: "{b_mac}", addresses: [{b_ip}/24]}}]}}
+""",
+    "internal-uplink": """
+name: {name}
+switches: {{sw0: {{uplink: {{mtu: 1500}}}}}}
+host: [{{switch: sw0, namespace: a, mac: "{a_mac}", addresses: [{a_ip}/24]}}]
+physical:
+  b: {{switch: sw0, mac: "{b_mac}", addresses: [{b_ip}/24]}}
+""",
+}
+
+
+def _hvnet(env, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "hvnet.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def _path(kind: str):
+    @contextlib.contextmanager
+    def factory(prefix: str) -> Iterator[e2e.Path]:
+        name = prefix[:6]
+        with tempfile.TemporaryDirectory(prefix="hvnet-bench-") as tmp:
+            env = {**os.environ, "HVNET_STATE_DIR": os.path.join(tmp, "state")}
+            f = os.path.join(tmp, "t.yaml")
+            with open(f, "w") as fh:
+                fh.write(TOPOLOGIES[kind].format(name=name, a_mac=e2e.A_MAC, b_mac=e2e.B_MAC,
+                                                 a_ip=e2e.A_IP, b_ip=e2e.B_IP))
+            r = _hvnet(env, "up", f, "--json")
+            if r.returncode != 0:
+                raise RuntimeError(f"hvnet up ({kind}): {r.stderr.strip()}")
+            try:
+                e2e._wait_reachable(f"{name}-a", e2e.B_IP)
+                yield e2e.Path(f"hvnet {kind}", f"{name}-a", f"{name}-b", e2e.B_IP)
+            finally:
+                if _hvnet(env, "down", name).returncode != 0:
+                    _hvnet(env, "clean", "--force")
+    factory.__name__ = f"hvnet {kind}"
+    return factory
+
+
+hvnet_tap_tap = _path("tap-tap")
+hvnet_internal_uplink = _path("internal-uplink")
+PATHS = {"veth": e2e.veth_peer, "bridge": e2e.bridge_peer, "tap-tap": hvnet_tap_tap,
+         "internal-uplink": hvnet_internal_uplink}
+
+
+def main(a, out, err) -> int:
+    tests = ("tcp1", "tcp4", "udp64", "ping")
+    paths = [PATHS[k] for k in PATHS]
+    with err.status("starting") as status:
+        result = e2e.compare(paths, tests=tests, seconds=a.seconds, repeats=a.repeats,
+                             progress=lambda s: status.update(s))
+    if a.json:
+        print(json.dumps(result))
+    else:
+        out.print(e2e.table(result))
+        for key, r in result["results"].items():
+            for e in r.get("errors", []):
+                err.print(f"[red]{key}: {e}[/red]")
+    return 0 if not any(r.get("errors") for r in result["results"].values()) else 1

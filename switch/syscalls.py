@@ -13,3 +13,6 @@ write = types.ExternalFunction("write", types.intp(types.int32, types.voidptr, t
 # send(fd, NULL, 0, MSG_DONTWAIT) kicks an AF_PACKET transmit ring.
 send = types.ExternalFunction("send", types.intp(types.int32, types.voidptr, types.uintp,
                                                  types.int32))
+# writev(fd, iov, iovcnt): a header and a frame in one call without copying the frame;
+# ``iov`` is the address of an int64 array of (base, length) pairs (struct iovec).
+writev = types.ExternalFunction("writev", types.intp(types.int32, types.voidptr, types.int32))

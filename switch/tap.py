@@ -5,7 +5,7 @@ whole GSO super-packets with their checksum state in a 10-byte virtio_net_hdr,
 and takes them back the same way, so a 64 KiB TCP segment crosses the switch as
 one packet and nobody computes a checksum on the way (DESIGN.md, "Offloads end
 to end"). Receive reads every ready tap into the batch arena, one read() per
-frame, header included; transmit writes header and frame with one write() per
+frame, header included; transmit writes header and frame with one writev() per
 delivery. Both run as one kernel per batch for all taps of the kind.
 
 virtio_net_hdr (little endian): flags u8 (1 = NEEDS_CSUM, 2 = DATA_VALID),
@@ -23,10 +23,10 @@ import numpy as np
 from . import counters as R
 from .batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAGGED, F_CSUM_PARTIAL, F_CSUM_VALID, FLAGS,
                     GSO_SIZE, GSO_TYPE, LEN, OFF, ROW_PAD, init_packet)
-from .delivery import emit_frame, tx_failed
+from .delivery import tx_failed
 from .kernel import helper, kernel
 from .portkind import PortKind
-from .syscalls import read, write
+from .syscalls import read, writev
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -98,8 +98,12 @@ def tap_receive(fds, port_ids, meta, data, budget):
 
 
 @kernel
-def tap_transmit(meta, data, plan, span, port_ids, fds, txbuf, ctr):
-    """Write each planned frame to its tap, virtio header first (its offload state)."""
+def tap_transmit(meta, data, plan, span, port_ids, fds, hdr, iov, ctr):
+    """Write each planned frame to its tap, virtio header first (its offload state):
+    one writev() per delivery, the frame taken from the arena where it lies (a tag
+    the switch puts on goes in as a third piece), so no byte of it is copied here."""
+    base = data.ctypes.data
+    hbase = hdr.ctypes.data
     for pi in range(port_ids.shape[0]):
         q = port_ids[pi]
         fd = fds[pi]
@@ -107,27 +111,48 @@ def tap_transmit(meta, data, plan, span, port_ids, fds, txbuf, ctr):
             i = plan[0, j]
             d = plan[1, j]
             ln = meta[LEN, i]
-            if ln + 4 + VNET_HDR > txbuf.shape[0]:
+            off = meta[OFF, i]
+            if off < 0 or ln < 0 or off > data.shape[0] or ln > data.shape[0] - off:
+                tx_failed(ctr, q, ln, d, R.TX_FULL)
                 continue
             for b in range(VNET_HDR):
-                txbuf[b] = 0
+                hdr[b] = 0
             fl = meta[FLAGS, i]
-            shift = 4 if d & D_TAGGED else 0      # a tag put on moves the offsets by 4
+            tagged = (d & D_TAGGED) != 0 and ln >= 12
+            shift = 4 if tagged else 0          # a tag put on moves the offsets by 4
             if fl & F_CSUM_PARTIAL:
-                txbuf[0] = VNET_F_NEEDS_CSUM
+                hdr[0] = VNET_F_NEEDS_CSUM
                 cs = meta[CSUM_START, i] + shift
-                txbuf[6] = cs & 0xFF
-                txbuf[7] = cs >> 8
-                txbuf[8] = meta[CSUM_OFF, i] & 0xFF
-                txbuf[9] = meta[CSUM_OFF, i] >> 8
+                hdr[6] = cs & 0xFF
+                hdr[7] = (cs >> 8) & 0xFF
+                hdr[8] = meta[CSUM_OFF, i] & 0xFF
+                hdr[9] = (meta[CSUM_OFF, i] >> 8) & 0xFF
             elif fl & F_CSUM_VALID:
-                txbuf[0] = VNET_F_DATA_VALID
-            txbuf[1] = meta[GSO_TYPE, i]
+                hdr[0] = VNET_F_DATA_VALID
+            hdr[1] = meta[GSO_TYPE, i]
             gs = meta[GSO_SIZE, i]
-            txbuf[4] = gs & 0xFF
-            txbuf[5] = gs >> 8
-            w = emit_frame(txbuf, VNET_HDR, data, meta[OFF, i], ln, d)
-            if write(fd, txbuf.ctypes.data, VNET_HDR + w) < 0:
+            hdr[4] = gs & 0xFF
+            hdr[5] = (gs >> 8) & 0xFF
+            iov[0] = hbase
+            iov[1] = VNET_HDR
+            if tagged:
+                tci = (d >> 48) & 0xFFFF
+                hdr[16] = 0x81
+                hdr[17] = 0x00
+                hdr[18] = (tci >> 8) & 0xFF
+                hdr[19] = tci & 0xFF
+                iov[2] = base + off
+                iov[3] = 12
+                iov[4] = hbase + 16
+                iov[5] = 4
+                iov[6] = base + off + 12
+                iov[7] = ln - 12
+                cnt = 4
+            else:
+                iov[2] = base + off
+                iov[3] = ln
+                cnt = 2
+            if writev(fd, iov.ctypes.data, cnt) < 0:
                 tx_failed(ctr, q, ln, d, R.TX_FULL)
 
 
@@ -139,7 +164,8 @@ class TapPorts(PortKind):
         super().__init__()
         self.fd_array = np.zeros(0, dtype=np.int64)
         self._fd_of: dict[int, int] = {}
-        self.txbuf = np.zeros(MAX_FRAME + VNET_HDR + 64, dtype=np.uint8)
+        self.hdr = np.zeros(32, dtype=np.uint8)        # virtio header, then a tag
+        self.iov = np.zeros(8, dtype=np.int64)         # up to 4 struct iovec
 
     def attach(self, port, fd: int) -> None:
         """Serve ``port`` with the tap open on ``fd`` (this object closes it on removal)."""
@@ -175,7 +201,7 @@ class TapPorts(PortKind):
     def transmit(self, batch, plan, span) -> None:
         if self.fd_array.shape[0]:
             tap_transmit(batch.meta, batch.data, plan, span, self.port_ids, self.fd_array,
-                         self.txbuf, self.switch.counters.table)
+                         self.hdr, self.iov, self.switch.counters.table)
 
     def close(self) -> None:
         for fd in self._fd_of.values():

@@ -68,6 +68,7 @@ def pair(tmp_path):
             nn.set_up(ns, "eth0")
             port = sw.add_port(f"tap-{ns}", "internal", kind=taps)
             taps.attach(port, open_tap_in(ns, "eth0"))
+        sw.warm()                  # compile/load the kernels before the first ping
         run = Running(sw)
         yield sw, a, b
     finally:

@@ -7,7 +7,8 @@ paths brought up by the real daemon (``hvnet up``):
 - ``hvnet tap-tap``: two VMs whose NICs are tap ports of one switch;
 - ``hvnet internal-uplink``: the host vNIC (internal port, a tap) to a host on the
   physical network behind the uplink (AF_PACKET rings on a veth, a Linux bridge
-  on the far side).
+  on the far side); ``internal-uplink-v3`` the same with TPACKET_V3 rings (not
+  run by default; ``--paths`` picks).
 
 Measurements and the table come from hvnet.e2e (iperf3 TCP with 1 and 4 streams,
 64-byte UDP packets per second, ping), every path built and torn down per round,
@@ -36,6 +37,13 @@ vms:
     "internal-uplink": """
 name: {name}
 switches: {{sw0: {{uplink: {{mtu: 1500}}}}}}
+host: [{{switch: sw0, namespace: a, mac: "{a_mac}", addresses: [{a_ip}/24]}}]
+physical:
+  b: {{switch: sw0, mac: "{b_mac}", addresses: [{b_ip}/24]}}
+""",
+    "internal-uplink-v3": """
+name: {name}
+switches: {{sw0: {{uplink: {{mtu: 1500, tpacket: 3}}}}}}
 host: [{{switch: sw0, namespace: a, mac: "{a_mac}", addresses: [{a_ip}/24]}}]
 physical:
   b: {{switch: sw0, mac: "{b_mac}", addresses: [{b_ip}/24]}}
@@ -71,15 +79,20 @@ def _path(kind: str):
     return factory
 
 
-hvnet_tap_tap = _path("tap-tap")
-hvnet_internal_uplink = _path("internal-uplink")
-PATHS = {"veth": e2e.veth_peer, "bridge": e2e.bridge_peer, "tap-tap": hvnet_tap_tap,
-         "internal-uplink": hvnet_internal_uplink}
+PATHS = {"veth": e2e.veth_peer, "bridge": e2e.bridge_peer}
+PATHS.update({k: _path(k) for k in TOPOLOGIES})
+DEFAULT_PATHS = ("veth", "bridge", "tap-tap", "internal-uplink")
 
 
 def main(a, out, err) -> int:
     tests = ("tcp1", "tcp4", "udp64", "ping")
-    paths = [PATHS[k] for k in PATHS]
+    names = a.paths.split(",") if a.paths else list(DEFAULT_PATHS)
+    bad = [n for n in names if n not in PATHS]
+    if bad:
+        err.print(f"hvnet bench switch: unknown path {', '.join(bad)}; paths are "
+                  f"{', '.join(PATHS)}")
+        return 2
+    paths = [PATHS[k] for k in names]
     with err.status("starting") as status:
         result = e2e.compare(paths, tests=tests, seconds=a.seconds, repeats=a.repeats,
                              progress=lambda s: status.update(s))

@@ -62,3 +62,19 @@ def test_demo_in_namespaces(tmp_path):
     finally:
         subprocess.run([sys.executable, "-m", "hvnet.cli", "clean", "--force"], env=env,
                        capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_bench_switch_measures_hvnet_beside_a_veth_pair(tmp_path):
+    env = {**os.environ, "HVNET_STATE_DIR": str(tmp_path / "state")}
+    r = subprocess.run([sys.executable, "-m", "hvnet.cli", "bench", "switch", "--json",
+                        "--seconds", "1", "--paths", "veth,internal-uplink"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout)
+    assert d["paths"] == ["veth", "hvnet internal-uplink"]
+    up = d["results"]["hvnet internal-uplink"]
+    assert up["tcp1"]["median"] > 0.1 and up["udp64"]["median"] > 1000
+    assert up["tcp1"]["ratio"] is not None and up["errors"] == []
+    r = hvnet("bench", "switch", "--paths", "veth,nosuch")
+    assert r.returncode == 2 and "unknown path nosuch" in r.stderr

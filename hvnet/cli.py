@@ -90,7 +90,9 @@ def cmd_up(a) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
         def ready(rt):
-            out.print(_status_table(rt.status()))
+            st = rt.status()
+            out.print(_status_table(st, _addresses(topo)))
+            out.print(_machines_table(topo, st))
             out.print("[dim]running in the foreground; Ctrl-C takes it down[/dim]")
         try:
             return serve(a.file, run, on_ready=ready)
@@ -126,11 +128,30 @@ def cmd_up(a) -> int:
     if a.json:
         print(json.dumps(st))
     else:
-        from .runtime import Runtime  # noqa: F401  (addresses come from the file)
         out.print(_status_table(st, _addresses(topo)))
+        out.print(_machines_table(topo, st))
         out.print(f"[green]up[/green]: daemon pid {p.pid}; 'hvnet exec VM -- CMD' runs "
                   f"commands in a machine, 'hvnet down {topo.name}' takes it down")
     return 0
+
+
+def _machines_table(topo, st: dict) -> Table:
+    t = Table(title="machines ('hvnet exec NAME -- CMD')")
+    for c in ("name", "what", "namespace", "addresses"):
+        t.add_column(c)
+    addrs = _addresses(topo)
+    for vm, nics in topo.vms.items():
+        t.add_row(vm, "VM: " + ", ".join(f"{n.kind} NIC on {n.switch}" for n in nics),
+                  st["machines"][vm], ", ".join(addrs.get(vm, [])))
+    for ns in sorted({h.namespace for h in topo.host}):
+        t.add_row(ns, "host vNIC(s) on " + ", ".join(h.switch for h in topo.host
+                                                     if h.namespace == ns),
+                  st["machines"][ns], ", ".join(addrs.get(ns, [])))
+    for p in topo.physical.values():
+        t.add_row(p.name, f"physical, behind {p.switch}'s uplink"
+                  + (f", VLAN {p.vlan} tagged" if p.vlan else ""),
+                  st["machines"][p.name], ", ".join(p.addresses))
+    return t
 
 
 def _addresses(topo) -> dict:

@@ -441,6 +441,9 @@ class Runtime:
         for h in self.topo.host:
             if port_name == f"{h.namespace}.vEth-{h.switch}":
                 return mac_to_str(h.port.mac)
+        p = self.topo.physical.get(vm)
+        if p is not None and p.mac is not None:
+            return mac_to_str(p.mac)
         return "-"
 
     def addresses(self) -> dict[str, list[str]]:

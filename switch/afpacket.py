@@ -114,7 +114,9 @@ def _take(ring, src, snap, st, tci, tpid, vnet, port_id, meta, data, n, cursor):
         (st & TP_STATUS_VLAN_TPID_VALID) != 0 and tpid != 0x8100
     need = snap + (4 if reinsert else 0)
     if cursor + need > data.shape[0]:
-        return n, cursor, 1
+        # 1: the arena is full, go on with the next batch; 2: not even an empty
+        # arena holds it (a batch configured too small): drop it, or the ring stalls.
+        return n, cursor, 1 if cursor > 0 else 2
     if reinsert:
         copy_bytes(data, cursor, ring, src, 12)
         data[cursor + 12] = tpid >> 8
@@ -143,11 +145,13 @@ def _take(ring, src, snap, st, tci, tpid, vnet, port_id, meta, data, n, cursor):
 
 
 @helper
-def _frame_ok(mac, snap, length, vnet, room):
-    """A header the kernel wrote still gets checked: the frame lies in its slot and
-    is whole (a truncated super-packet would be wrong data, not a short frame)."""
+def _frame_ok(mac, snap, length, vnet, room, hdr_size):
+    """A header the kernel wrote still gets checked: the frame lies in its slot, after
+    the packet header (``hdr_size``: 32 for tpacket2_hdr, 48 for tpacket3_hdr) and
+    the virtio header, and is whole (a truncated super-packet would be wrong data,
+    not a short frame)."""
     hdr = VNET_HDR if vnet else 0
-    return (mac >= 32 + hdr and snap >= 14 and snap == length and snap <= MAX_FRAME
+    return (mac >= hdr_size + hdr and snap >= 14 and snap == length and snap <= MAX_FRAME
             and mac + snap <= room)
 
 
@@ -178,14 +182,16 @@ def ring_receive_v3(ring, block_size, block_nr, state, port_id, vnet, meta, data
             h = base + p
             snap = _u32(ring, h + 12)
             mac = _u16(ring, h + 24)
-            if not _frame_ok(mac, snap, _u32(ring, h + 16), vnet, block_size - p):
+            if not _frame_ok(mac, snap, _u32(ring, h + 16), vnet, block_size - p, 48):
                 bad[0] += 1
             else:
                 n, cursor, full = _take(ring, h + mac, snap, _u32(ring, h + 20),
                                         _u32(ring, h + 32), _u16(ring, h + 36), vnet,
                                         port_id, meta, data, n, cursor)
-                if full:
+                if full == 1:
                     break
+                if full == 2:
+                    bad[0] += 1
             k += 1
             nxt = _u32(ring, h)
             p += nxt
@@ -216,13 +222,15 @@ def ring_receive_v2(ring, frame_size, frame_nr, state, port_id, vnet, meta, data
             break
         snap = _u32(ring, h + 8)
         mac = _u16(ring, h + 12)
-        if not _frame_ok(mac, snap, _u32(ring, h + 4), vnet, frame_size):
+        if not _frame_ok(mac, snap, _u32(ring, h + 4), vnet, frame_size, 32):
             bad[0] += 1
         else:
             n, cursor, full = _take(ring, h + mac, snap, st, _u16(ring, h + 24),
                                     _u16(ring, h + 26), vnet, port_id, meta, data, n, cursor)
-            if full:
+            if full == 1:
                 break
+            if full == 2:
+                bad[0] += 1
         _put32(ring, h, TP_STATUS_KERNEL)
         state[S_BLOCK] = (state[S_BLOCK] + 1) % frame_nr
     return n, cursor

@@ -50,7 +50,7 @@ def pair():
     host.server.offer(M.NETVSC_GUID, INSTANCE, dev)
     host.t.start()
     try:
-        yield host, VmbusClient(host.guest_port, timeout=5), ram, dev
+        yield host, VmbusClient(host.guest_port, timeout=30), ram, dev
     finally:
         host.stop.set()
         host.t.join(5)

@@ -1,0 +1,271 @@
+"""NetVSP's compiled data path: what the guest sends, into the switch's batch.
+
+``netvsp_ingress`` drains the guest-to-host ring of one channel. For each data
+packet (NVSP SEND_RNDIS_PKT, channel type 0, in-band with a send-buffer section
+or GPA-direct, vmbus_netvsp.md d.4, e.2, f.2, f.3) it gathers the RNDIS bytes —
+the section's bytes, then the GPA ranges' — into the batch arena once, walks the
+RNDIS_PACKET_MSGs in them (several when the guest batched into one section), and
+makes each frame a batch slot in place, with the offload state of its per-packet
+info (e.5): TX checksum info -> partial checksum at the TCP/UDP header, LSO v2 ->
+a TCPv4/TCPv6 GSO super-packet with its MSS, 802.1Q info -> the tag out of band.
+The guest's completion is queued (``comp``); the caller writes them back.
+
+Anything else on the ring (a control message, a completion for a receive) stops
+the walk at that packet and is left to the control path: the return value says so.
+
+Every number here was written by the guest: section indices and sizes, RNDIS
+lengths and offsets, PPI sizes and offsets are checked before use; a bad RNDIS
+message is counted (``bad``) and its packet completed with
+NVSP_STAT_INVALID_RNDIS_PKT, as Linux would be answered; a corrupt ring stops the
+walk with the ring's error code, and the channel is the control path's to close.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS,
+                          GSO_SIZE, GSO_TCPV4, GSO_TCPV6, GSO_TYPE, ROW_PAD, TCI, copy_bytes,
+                          init_packet)
+from switch.kernel import helper, kernel
+
+from . import nvsp as N
+from . import rndis as R
+from .vmbus import packet as P
+from .vmbus import ring as RG
+
+# Why ingress stopped (non-negative; ring errors are the ring's negative codes).
+DRAINED, BATCH_FULL, CONTROL = 0, 1, 2
+# bad[] slots
+BAD_NVSP, BAD_SECTION, BAD_GPA, BAD_RNDIS, BAD_PPI = 0, 1, 2, 3, 4
+NBAD = 5
+MAX_PIECES = 64            # GPA pieces of one packet (Linux: 32 page buffers, f.3)
+# comp[] columns: transaction id, NVSP status
+C_ID, C_STATUS = 0, 1
+
+_T_INBAND = P.VM_PKT_DATA_INBAND
+_T_GPA = P.VM_PKT_DATA_USING_GPA_DIRECT
+_MSG_RNDIS = N.MSG_SEND_RNDIS_PKT
+_NONE = N.SECTION_INDEX_NONE
+_RNDIS_PACKET = R.MSG_PACKET
+_PKT_HDR = R.PACKET.itemsize          # 44: header and body of RNDIS_PACKET_MSG
+_BASE = R.OFFSET_BASE                  # 8: body-relative offsets count from here
+_OFF_DATA = R.OFF_PKT_DATA_OFFSET
+_OFF_DLEN = R.OFF_PKT_DATA_LEN
+_OFF_PPI = R.OFF_PKT_PPI_OFFSET
+_OFF_PPI_LEN = R.OFF_PKT_PPI_LEN
+_PPI_HDR = R.PPI_HEADER_SIZE
+_CSUM, _LSO, _VLAN = R.PPI_TCPIP_CHKSUM, R.PPI_TCP_LARGESEND, R.PPI_IEEE_8021Q
+_TX_V4, _TX_V6, _TX_TCP, _TX_UDP = (R.CSUM_TX_IS_IPV4, R.CSUM_TX_IS_IPV6, R.CSUM_TX_TCP,
+                                    R.CSUM_TX_UDP)
+_TX_TCP_OFF_SHIFT, _TX_TCP_OFF_MASK = R.CSUM_TX_TCP_HEADER_OFFSET_SHIFT, \
+    R.CSUM_TX_TCP_HEADER_OFFSET_MASK
+_LSO_MSS, _LSO_OFF_SHIFT, _LSO_OFF_MASK, _LSO_V6 = (R.LSO_MSS_MASK, R.LSO_TCP_HEADER_OFFSET_SHIFT,
+                                                    R.LSO_TCP_HEADER_OFFSET_MASK, R.LSO_IPV6)
+
+
+@helper
+def _u32(a, p):
+    return (np.int64(a[p]) | (np.int64(a[p + 1]) << 8) | (np.int64(a[p + 2]) << 16)
+            | (np.int64(a[p + 3]) << 24))
+
+
+@helper
+def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
+    """The RNDIS_PACKET_MSGs of the stream data[s:s+L] as batch slots from n.
+    Returns (n, ok); ok is False if any message was malformed (the rest of the
+    stream is then skipped, as its lengths cannot be trusted)."""
+    o = 0
+    while o < L and n < cap:
+        if L - o < _PKT_HDR:
+            bad[BAD_RNDIS] += 1
+            return n, False
+        m = s + o
+        mlen = _u32(data, m + 4)
+        if _u32(data, m) != _RNDIS_PACKET or mlen < _PKT_HDR or mlen > L - o:
+            bad[BAD_RNDIS] += 1
+            return n, False
+        doff = _u32(data, m + _OFF_DATA)
+        dlen = _u32(data, m + _OFF_DLEN)
+        poff = _u32(data, m + _OFF_PPI)
+        plen = _u32(data, m + _OFF_PPI_LEN)
+        body = mlen - _BASE
+        # data and PPI areas inside the message, after the fixed body (e.4)
+        if doff < _PKT_HDR - _BASE or dlen < 14 or doff > body or dlen > body - doff:
+            bad[BAD_RNDIS] += 1
+            return n, False
+        fl = 0
+        tci = 0
+        cs_start = 0
+        cs_off = 0
+        gso_type = 0
+        gso_size = 0
+        if plen > 0:
+            if poff < _PKT_HDR - _BASE or poff > body or plen > body - poff:
+                bad[BAD_PPI] += 1
+                return n, False
+            q = 0
+            while q < plen:
+                e = m + _BASE + poff + q
+                if plen - q < _PPI_HDR:
+                    bad[BAD_PPI] += 1
+                    return n, False
+                size = _u32(data, e)
+                ptype = _u32(data, e + 4)
+                pofs = _u32(data, e + 8)
+                if size < _PPI_HDR or size > plen - q or pofs < _PPI_HDR or pofs > size - 4:
+                    bad[BAD_PPI] += 1
+                    return n, False
+                v = _u32(data, e + pofs)
+                if ptype == _CSUM:
+                    tcp_off = (v >> _TX_TCP_OFF_SHIFT) & _TX_TCP_OFF_MASK
+                    if v & (_TX_TCP | _TX_UDP) and v & (_TX_V4 | _TX_V6) and tcp_off >= 14:
+                        fl |= F_CSUM_PARTIAL
+                        cs_start = tcp_off
+                        cs_off = 16 if v & _TX_TCP else 6
+                elif ptype == _LSO:
+                    mss = v & _LSO_MSS
+                    tcp_off = (v >> _LSO_OFF_SHIFT) & _LSO_OFF_MASK
+                    if mss > 0 and tcp_off >= 14:
+                        gso_type = GSO_TCPV6 if v & _LSO_V6 else GSO_TCPV4
+                        gso_size = mss
+                        fl |= F_CSUM_PARTIAL
+                        cs_start = tcp_off
+                        cs_off = 16
+                elif ptype == _VLAN:
+                    vid = (v >> R.VLAN_ID_SHIFT) & R.VLAN_ID_MASK
+                    prio = v & R.VLAN_PRIORITY_MASK
+                    cfi = 1 if v & R.VLAN_CFI else 0
+                    tci = (prio << 13) | (cfi << 12) | vid
+                    fl |= F_VLAN
+                q += size
+        if cs_start and cs_start + cs_off + 2 > dlen:
+            bad[BAD_PPI] += 1                 # a checksum place outside the frame
+            return n, False
+        init_packet(meta, n, m + _BASE + doff, dlen, port_id, 0)
+        meta[FLAGS, n] |= fl
+        meta[TCI, n] = tci
+        meta[CSUM_START, n] = cs_start
+        meta[CSUM_OFF, n] = cs_off
+        meta[GSO_TYPE, n] = gso_type
+        meta[GSO_SIZE, n] = gso_size
+        n += 1
+        o += mlen
+    return n, True
+
+
+@kernel
+def netvsp_ingress(mem, rbase, rds, rstate, desc, pieces, nvsp,
+                   sbuf_gpa, sbuf_size, section_size,
+                   meta, data, n, cursor, port_id, comp, ncomp, bad):
+    """Drain data packets of one channel into the batch from slot ``n``.
+
+    ``rstate[0]`` is the private read position (start it with ring_read_pos);
+    ``rstate[1]`` the read index at the last commit. Returns (n, cursor, ncomp,
+    why): DRAINED, BATCH_FULL, CONTROL (a control packet is next; not consumed),
+    or a negative ring error. The caller commits the read index."""
+    cap = meta.shape[1] - ROW_PAD
+    if not RG.geometry_ok(mem, rbase, rds):
+        return n, cursor, ncomp, RG.E_GEOMETRY
+    nsec = sbuf_size // section_size if section_size > 0 else 0
+    data_start = rbase + RG.CONTROL
+    while n < cap and ncomp < comp.shape[0]:
+        rc = RG.read_packet(mem, rbase, rds, rstate[0], desc)
+        if rc == RG.E_EMPTY:
+            return n, cursor, ncomp, DRAINED
+        if rc < 0:
+            return n, cursor, ncomp, rc
+        ptype = desc[RG.D_TYPE]
+        plen = desc[RG.D_PAYLOAD_LEN]
+        if (ptype != _T_INBAND and ptype != _T_GPA) or plen < 16:
+            return n, cursor, ncomp, CONTROL
+        RG.get_bytes(mem, data_start, rds, desc[RG.D_PAYLOAD], nvsp, 0, 16)
+        if _u32(nvsp, 0) != _MSG_RNDIS or _u32(nvsp, 4) != 0:
+            return n, cursor, ncomp, CONTROL      # not data: the control path's
+        idx = _u32(nvsp, 8)
+        ssz = _u32(nvsp, 12)
+        status = N.STATUS_SUCCESS
+        total = 0
+        npieces = 0
+        if idx != _NONE and (idx >= nsec or ssz > section_size or
+                             sbuf_gpa + idx * section_size + ssz > mem.shape[0]):
+            bad[BAD_SECTION] += 1
+            status = N.STATUS_INVALID_RNDIS_PKT
+        else:
+            if idx != _NONE:
+                total = ssz
+            if ptype == _T_GPA:
+                npieces = P.parse_gpa_direct(mem, rbase, rds, desc, MAX_PIECES, pieces)
+                if npieces < 0:
+                    bad[BAD_GPA] += 1
+                    status = N.STATUS_INVALID_RNDIS_PKT
+                    npieces = 0
+                for k in range(npieces):
+                    total += pieces[k, P.P_LEN]
+        if status == N.STATUS_SUCCESS:
+            if total == 0 or total > data.shape[0]:
+                bad[BAD_RNDIS] += 1
+                status = N.STATUS_INVALID_RNDIS_PKT
+            elif cursor + total > data.shape[0]:
+                return n, cursor, ncomp, BATCH_FULL    # not consumed: next batch
+        if status == N.STATUS_SUCCESS:
+            # One copy: section bytes then GPA bytes, the RNDIS stream (e.2).
+            at = cursor
+            if idx != _NONE:
+                copy_bytes(data, at, mem, sbuf_gpa + idx * section_size, ssz)
+                at += ssz
+            for k in range(npieces):
+                ln = pieces[k, P.P_LEN]
+                copy_bytes(data, at, mem, pieces[k, P.P_GPA], ln)
+                at += ln
+            n2, ok = _rndis_frames(data, cursor, total, meta, n, cap, port_id, bad)
+            if not ok:
+                status = N.STATUS_INVALID_RNDIS_PKT
+            if n2 > n:
+                cursor = (cursor + total + ALIGN - 1) & ~(ALIGN - 1)
+            n = n2
+        if desc[RG.D_FLAGS] & P.VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED:
+            comp[ncomp, C_ID] = desc[RG.D_TRANS_ID]
+            comp[ncomp, C_STATUS] = status
+            ncomp += 1
+        rstate[0] = desc[RG.D_NEXT]
+    return n, cursor, ncomp, BATCH_FULL
+
+
+@kernel
+def write_completions(mem, wbase, wds, comp, start, ncomp, msg):
+    """Complete guest packets comp[start:ncomp] on the host-to-guest ring (b.4: the
+    payload is NVSP SEND_RNDIS_PKT_COMPLETE {108, status}). Returns (written,
+    signal): written stops early when the ring is full (the rest wait)."""
+    done = start
+    begin = -1
+    pos = 0
+    while done < ncomp:
+        need = P.inband_footprint(8)
+        p = RG.ring_write_begin(mem, wbase, wds, need) if begin < 0 else pos
+        if p < 0:
+            break
+        if begin >= 0:
+            # Later packets of one batch: the write index is published only at the
+            # commit, so room is checked here against our own position.
+            r = RG.load32(mem, wbase + RG.READ_INDEX)
+            if not RG.index_ok(r, wds) or RG.to_write(pos, r, wds) <= need:
+                break
+        st = comp[done, C_STATUS]
+        msg[0] = _MSG_RNDIS + 1
+        msg[1] = 0
+        msg[2] = 0
+        msg[3] = 0
+        msg[4] = st & 0xFF
+        msg[5] = (st >> 8) & 0xFF
+        msg[6] = 0
+        msg[7] = 0
+        if begin < 0:
+            begin = p
+        pos = P.put_inband(mem, wbase, wds, p, P.VM_PKT_COMP, 0, comp[done, C_ID], msg, 0, 8)
+        if pos < 0:
+            break
+        done += 1
+    if begin < 0:
+        return done - start, 0
+    sig = RG.ring_write_commit(mem, wbase, wds, begin, pos)
+    return done - start, 1 if sig == 1 else 0

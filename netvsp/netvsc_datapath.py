@@ -1,0 +1,163 @@
+"""NetVSC's compiled data path, guest to host: frames into RNDIS packets on the ring.
+
+As Linux's netvsc_send chooses (vmbus_netvsp.md f.3): a frame whose RNDIS message
+(header, per-packet info, frame) fits a send-buffer section is copied there and
+announced by an in-band SEND_RNDIS_PKT naming the section; a bigger one (a GSO
+super-packet) gets its RNDIS header written in the headroom just before it, and
+the header and frame go as one GPA-direct range. Frames must therefore lie in
+guest RAM (the batch arena is a window of it) with ``HEADROOM`` bytes free before
+each. Per-packet info as Linux emits it (e.5): 802.1Q, then LSO v2 or checksum.
+
+Transaction ids say what to release when the host completes: ``section + 1`` for
+a send section, ``GPA_ID + slot`` for a GPA-direct frame (its batch slot).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
+                          GSO_TCPV6, GSO_TYPE, LEN, OFF, TCI, copy_bytes)
+from switch.kernel import helper, kernel
+
+from . import nvsp as N
+from . import rndis as R
+from .vmbus import packet as P
+from .vmbus import ring as RG
+
+HEADROOM = 128            # RNDIS header + three PPIs (44 + 48 = 92), rounded up
+GPA_ID = 1 << 32          # transaction ids of GPA-direct frames start here
+_HDR = R.PACKET.itemsize
+_PPI = R.PPI_U32_SIZE
+
+
+@helper
+def _put32(a, p, v):
+    a[p] = v & 0xFF
+    a[p + 1] = (v >> 8) & 0xFF
+    a[p + 2] = (v >> 16) & 0xFF
+    a[p + 3] = (v >> 24) & 0xFF
+
+
+@helper
+def _ppi(a, p, ptype, v):
+    _put32(a, p, _PPI)
+    _put32(a, p + 4, ptype)
+    _put32(a, p + 8, R.PPI_HEADER_SIZE)
+    _put32(a, p + 12, v)
+    return p + _PPI
+
+
+@helper
+def _header(meta, i, out, p, v6):
+    """The RNDIS_PACKET_MSG header and PPIs of frame i at out[p:]; returns its size.
+    ``v6``: the frame is IPv6 (the checksum info says which IP version it is)."""
+    fl = meta[FLAGS, i]
+    q = p + _HDR
+    if fl & F_VLAN:
+        tci = meta[TCI, i]
+        q = _ppi(out, q, R.PPI_IEEE_8021Q, ((tci & 0xFFF) << R.VLAN_ID_SHIFT)
+                 | ((tci >> 13) & 7) | (R.VLAN_CFI if tci & 0x1000 else 0))
+    if meta[GSO_TYPE, i] & 0x7F:
+        v = (meta[GSO_SIZE, i] & R.LSO_MSS_MASK) | \
+            ((meta[CSUM_START, i] & R.LSO_TCP_HEADER_OFFSET_MASK) << R.LSO_TCP_HEADER_OFFSET_SHIFT) \
+            | R.LSO_TYPE_V2
+        if (meta[GSO_TYPE, i] & 0x7F) == GSO_TCPV6:
+            v |= R.LSO_IPV6
+        q = _ppi(out, q, R.PPI_TCP_LARGESEND, v)
+    elif fl & F_CSUM_PARTIAL:
+        v = (meta[CSUM_START, i] & R.CSUM_TX_TCP_HEADER_OFFSET_MASK) << \
+            R.CSUM_TX_TCP_HEADER_OFFSET_SHIFT
+        v |= R.CSUM_TX_TCP if meta[CSUM_OFF, i] == 16 else R.CSUM_TX_UDP
+        v |= R.CSUM_TX_IS_IPV6 if v6 else R.CSUM_TX_IS_IPV4
+        q = _ppi(out, q, R.PPI_TCPIP_CHKSUM, v)
+    hsize = q - p
+    ppi_len = hsize - _HDR
+    _put32(out, p, R.MSG_PACKET)
+    _put32(out, p + 4, hsize + meta[LEN, i])
+    _put32(out, p + R.OFF_PKT_DATA_OFFSET, hsize - R.OFFSET_BASE)
+    _put32(out, p + R.OFF_PKT_DATA_LEN, meta[LEN, i])
+    for k in range(R.OFF_PKT_DATA_LEN + 4, R.OFF_PKT_PPI_OFFSET):
+        out[p + k] = 0
+    _put32(out, p + R.OFF_PKT_PPI_OFFSET, (_HDR - R.OFFSET_BASE) if ppi_len else 0)
+    _put32(out, p + R.OFF_PKT_PPI_LEN, ppi_len)
+    _put32(out, p + R.OFF_PKT_VC_HANDLE, 0)
+    _put32(out, p + R.OFF_PKT_RESERVED, 0)
+    return hsize
+
+
+@kernel
+def netvsc_transmit(mem, wbase, wds, meta, data, data_gpa, n, start,
+                    sbuf_gpa, section_size, free_secs, nfree, bufs, nvsp, stats):
+    """Send frames start..n-1 of the batch (its arena is guest RAM at ``data_gpa``).
+    ``free_secs[:nfree[0]]`` is the stack of free send sections. Returns
+    (next frame not sent, signal the host): stops early when the ring is full."""
+    i = start
+    begin = -1
+    pos = 0
+    while i < n:
+        ln = meta[LEN, i]
+        off = meta[OFF, i]
+        if off < 0 or ln < 14 or off > data.shape[0] or ln > data.shape[0] - off:
+            stats[2] += 1                  # not a frame of this arena: dropped
+            i += 1
+            continue
+        v6 = data[off + 12] == 0x86 and data[off + 13] == 0xDD
+        small = _HDR + 3 * _PPI + ln <= section_size and nfree[0] > 0
+        if small:
+            need = P.inband_footprint(16)
+        else:
+            # the largest header the range can start with: its footprint bounds the real one
+            bufs[0, 0] = data_gpa + off - (_HDR + 3 * _PPI)
+            bufs[0, 1] = _HDR + 3 * _PPI + ln
+            need = P.gpa_direct_footprint(bufs, 1, 16)
+        if begin < 0:
+            p = RG.ring_write_begin(mem, wbase, wds, need)
+            if p < 0:
+                break
+            begin = p
+            pos = p
+        else:
+            r = RG.load32(mem, wbase + RG.READ_INDEX)
+            if not RG.index_ok(r, wds) or RG.to_write(pos, r, wds) <= need:
+                break
+        if small:
+            nfree[0] -= 1
+            s = free_secs[nfree[0]]
+            at = sbuf_gpa + s * section_size
+            h = _header(meta, i, mem, at, v6)
+            copy_bytes(mem, at + h, data, off, ln)
+            _put32(nvsp, 0, N.MSG_SEND_RNDIS_PKT)
+            _put32(nvsp, 4, N.CHANNEL_TYPE_DATA)
+            _put32(nvsp, 8, s)
+            _put32(nvsp, 12, h + ln)
+            pos = P.put_inband(mem, wbase, wds, pos, P.VM_PKT_DATA_INBAND,
+                               P.VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED, s + 1, nvsp, 0, 16)
+            stats[0] += 1
+        else:
+            if off < HEADROOM:
+                stats[2] += 1              # no headroom: the frame cannot go (dropped)
+                i += 1
+                continue
+            h = _header(meta, i, data, off - HEADROOM, v6)
+            # Slide the header to sit right before the frame, as in skb headroom.
+            hstart = off - h
+            if hstart != off - HEADROOM:
+                for k in range(h):
+                    data[hstart + k] = data[off - HEADROOM + k]
+            bufs[0, 0] = data_gpa + hstart
+            bufs[0, 1] = h + ln
+            _put32(nvsp, 0, N.MSG_SEND_RNDIS_PKT)
+            _put32(nvsp, 4, N.CHANNEL_TYPE_DATA)
+            _put32(nvsp, 8, N.SECTION_INDEX_NONE)
+            _put32(nvsp, 12, 0)
+            pos = P.build_gpa_direct(mem, wbase, wds, pos,
+                                     P.VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED, GPA_ID + i,
+                                     bufs, 1, nvsp, 0, 16)
+            stats[1] += 1
+        if pos < 0:
+            stats[3] += 1
+            break
+        i += 1
+    if begin < 0:
+        return i, 0
+    return i, 1 if RG.ring_write_commit(mem, wbase, wds, begin, pos) == 1 else 0

@@ -1,0 +1,96 @@
+"""NetVSC's transmit kernel against NetVSP's ingress kernel: frames and offloads
+cross the ring as Linux and the host would carry them."""
+from __future__ import annotations
+
+import numpy as np
+from scapy.all import IP, IPv6, TCP, UDP, Ether, raw
+
+from netvsp.datapath import C_ID, DRAINED, NBAD, netvsp_ingress
+from netvsp.netvsc_datapath import GPA_ID, HEADROOM, netvsc_transmit
+from netvsp.vmbus import ring as RG
+from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
+                          GSO_TCPV4, GSO_TCPV6, GSO_TYPE, LEN, OFF, TCI, PacketBatch,
+                          init_packet)
+
+RAM = 8 << 20
+RING, RDS = 0x10000, 256 * 1024
+SBUF, SEC, NSEC = 0x100000, 6144, 64
+TXA, TXSIZE = 0x400000, 1 << 20
+
+
+def setup():
+    mem = np.zeros(RAM, dtype=np.uint8)
+    RG.Ring(mem, RING, RDS).init()
+    b = PacketBatch(64, arena=TXSIZE)
+    b.data = mem[TXA:TXA + TXSIZE]          # the arena is a window of guest RAM
+    return mem, b
+
+
+def put(b, i, frame, at, **meta):
+    b.data[at:at + len(frame)] = np.frombuffer(frame, np.uint8)
+    init_packet(b.meta, i, at, len(frame), 1, 0)
+    for k, v in meta.items():
+        b.meta[globals()[k], i] = v
+
+
+def test_small_and_large_frames_cross_with_their_offloads():
+    mem, b = setup()
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    f_small = raw(eth / IP() / UDP() / bytes(50))
+    f_v6 = raw(eth / IPv6() / TCP() / bytes(400))
+    f_big = raw(eth / IP() / TCP() / bytes(60000))
+    put(b, 0, f_small, 256, FLAGS=F_CSUM_PARTIAL | F_VLAN, CSUM_START=34, CSUM_OFF=6,
+        TCI=(3 << 13) | 99)
+    put(b, 1, f_v6, 1024, FLAGS=F_CSUM_PARTIAL, CSUM_START=54, CSUM_OFF=16)
+    put(b, 2, f_big, 4096, FLAGS=F_CSUM_PARTIAL, CSUM_START=34, CSUM_OFF=16,
+        GSO_TYPE=GSO_TCPV4, GSO_SIZE=1448)
+    free = np.arange(NSEC, dtype=np.int64)
+    nfree = np.array([NSEC], dtype=np.int64)
+    bufs = np.zeros((1, 2), dtype=np.int64)
+    nvsp = np.zeros(16, dtype=np.uint8)
+    stats = np.zeros(4, dtype=np.int64)
+    nxt, sig = netvsc_transmit(mem, RING, RDS, b.meta, b.data, TXA, 3, 0, SBUF, SEC, free,
+                               nfree, bufs, nvsp, stats)
+    assert (nxt, sig) == (3, 1) and stats.tolist() == [2, 1, 0, 0] and nfree[0] == NSEC - 2
+    # the host side
+    h = PacketBatch(64, arena=1 << 20)
+    rstate = np.array([RG.ring_read_pos(mem, RING, RDS), 0], dtype=np.int64)
+    comp = np.zeros((16, 2), dtype=np.int64)
+    bad = np.zeros(NBAD, dtype=np.int64)
+    n, cursor, ncomp, why = netvsp_ingress(mem, RING, RDS, rstate, np.zeros(RG.DESC_FIELDS,
+                                           np.int64), np.zeros((64, 3), np.int64),
+                                           np.zeros(16, np.uint8), SBUF, NSEC * SEC, SEC,
+                                           h.meta, h.data, 0, 0, 5, comp, 0, bad)
+    assert (n, ncomp, why) == (3, 3, DRAINED) and not bad.any()
+    frames = [bytes(h.data[h.meta[OFF, i]:h.meta[OFF, i] + h.meta[LEN, i]]) for i in range(3)]
+    assert frames == [f_small, f_v6, f_big]
+    assert h.meta[FLAGS, 0] & F_VLAN and h.meta[TCI, 0] == (3 << 13) | 99
+    assert h.meta[CSUM_START, 0] == 34 and h.meta[CSUM_OFF, 0] == 6
+    assert h.meta[CSUM_START, 1] == 54 and h.meta[CSUM_OFF, 1] == 16
+    assert h.meta[GSO_TYPE, 2] == GSO_TCPV4 and h.meta[GSO_SIZE, 2] == 1448
+    # completions name what to free: sections (index + 1), the GPA frame's slot
+    assert sorted(comp[:3, C_ID].tolist()) == sorted([NSEC, NSEC - 1, GPA_ID + 2])
+
+
+def test_ring_full_stops_and_the_rest_goes_next_time():
+    mem = np.zeros(RAM, dtype=np.uint8)
+    b = PacketBatch(256, arena=TXSIZE)
+    b.data = mem[TXA:TXA + TXSIZE]
+    f = raw(Ether() / IP() / UDP() / bytes(200))
+    for i in range(256):
+        put(b, i, f, 256 + i * 512)
+    free = np.arange(256, dtype=np.int64)
+    nfree = np.array([256], dtype=np.int64)
+    args = (np.zeros((1, 2), np.int64), np.zeros(16, np.uint8), np.zeros(4, np.int64))
+    RG.Ring(mem, RING, 4096).init()                # 4 KiB: about a hundred 40-byte packets
+    nxt, sig = netvsc_transmit(mem, RING, 4096, b.meta, b.data, TXA, 256, 0, SBUF, SEC,
+                               free, nfree, *args)
+    assert 90 < nxt < 110 and sig == 1 and nfree[0] == 256 - nxt
+    # the host reads them all; the rest then fits
+    r = RG.Ring(mem, RING, 4096)
+    while r.read_packet() is not None:
+        pass
+    r.commit_read()
+    nxt2, _ = netvsc_transmit(mem, RING, 4096, b.meta, b.data, TXA, 256, nxt, SBUF, SEC,
+                              free, nfree, *args)
+    assert nxt2 > nxt

@@ -405,6 +405,23 @@ def cmd_bench(a) -> int:
                   f"frames, batches of {r['batch_size']}, CPU {r['cpu']}")
         out.print(t)
         return 0
+    if a.what == "ring":
+        from . import ring_bench
+        if not a.json:
+            err.print(f"[dim]NetVSC -> NetVSP through the VMBus ring, two processes, "
+                      f"{a.seconds:g} s per run...[/dim]")
+        r = ring_bench.run(seconds=a.seconds)
+        if a.json:
+            print(json.dumps(r))
+            return 0
+        t = Table(title="hvnet bench ring (guest process -> host process, shared-memory "
+                  "VMBus ring, polling)")
+        t.add_column("frames")
+        t.add_column("rate", justify="right")
+        t.add_row("64 bytes, through send-buffer sections", f"{r['mpps_64']:.2f} Mpps")
+        t.add_row("64 KiB LSO, GPA-direct", f"{r['gbps_lso']:.1f} Gbit/s")
+        out.print(t)
+        return 0
     if a.what == "switch":
         if os.geteuid() != 0:
             raise CliError("bench switch builds its peers (a veth pair, a Linux bridge) in "
@@ -496,9 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["fastpath", "switch"],
+    s.add_argument("what", choices=["fastpath", "switch", "ring"],
                    help="fastpath: in-memory pipeline; switch: two namespaces through the "
-                   "switch beside a veth pair and a Linux bridge")
+                   "switch beside a veth pair and a Linux bridge; ring: NetVSC to NetVSP "
+                   "through the VMBus ring across two processes")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--seconds", type=float, default=5.0, help="measuring time (default 5)")
     s.add_argument("--batch", type=int, default=256, help="(fastpath) batch size")

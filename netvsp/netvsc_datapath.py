@@ -87,9 +87,10 @@ def _header(meta, i, out, p, v6):
 
 @kernel
 def netvsc_transmit(mem, wbase, wds, meta, data, data_gpa, n, start,
-                    sbuf_gpa, section_size, free_secs, nfree, bufs, nvsp, stats):
+                    sbuf_gpa, section_size, free_secs, nfree, busy, bufs, nvsp, stats):
     """Send frames start..n-1 of the batch (its arena is guest RAM at ``data_gpa``).
-    ``free_secs[:nfree[0]]`` is the stack of free send sections. Returns
+    ``free_secs[:nfree[0]]`` is the stack of free send sections, ``busy`` marks the
+    sections in flight (a uint8 per section). Returns
     (next frame not sent, signal the host): stops early when the ring is full."""
     i = start
     begin = -1
@@ -123,6 +124,7 @@ def netvsc_transmit(mem, wbase, wds, meta, data, data_gpa, n, start,
         if small:
             nfree[0] -= 1
             s = free_secs[nfree[0]]
+            busy[s] = 1
             at = sbuf_gpa + s * section_size
             h = _header(meta, i, mem, at, v6)
             copy_bytes(mem, at + h, data, off, ln)
@@ -161,3 +163,31 @@ def netvsc_transmit(mem, wbase, wds, meta, data, data_gpa, n, start,
     if begin < 0:
         return i, 0
     return i, 1 if RG.ring_write_commit(mem, wbase, wds, begin, pos) == 1 else 0
+
+
+@kernel
+def netvsc_reclaim(mem, rbase, rds, rstate, desc, free_secs, nfree, busy, gpa_done):
+    """Read the host's completions of our sends from the host-to-guest ring: a send
+    section goes back on the free stack, a GPA-direct frame counts in
+    ``gpa_done[0]``. Stops at anything else (a receive: the receive path's).
+    ``rstate[0]`` is the private read position. Returns the packets consumed, or a
+    negative ring error. The caller commits the read index."""
+    got = 0
+    while True:
+        rc = RG.read_packet(mem, rbase, rds, rstate[0], desc)
+        if rc == RG.E_EMPTY:
+            return got
+        if rc < 0:
+            return rc
+        if desc[RG.D_TYPE] != P.VM_PKT_COMP:
+            return got
+        tid = desc[RG.D_TRANS_ID]
+        if 1 <= tid <= busy.shape[0]:
+            if busy[tid - 1]:                      # a host completing twice is ignored
+                busy[tid - 1] = 0
+                free_secs[nfree[0]] = tid - 1
+                nfree[0] += 1
+        elif tid >= GPA_ID:
+            gpa_done[0] += 1
+        rstate[0] = desc[RG.D_NEXT]
+        got += 1

@@ -78,3 +78,10 @@ def test_bench_switch_measures_hvnet_beside_a_veth_pair(tmp_path):
     assert up["tcp1"]["ratio"] is not None and up["errors"] == []
     r = hvnet("bench", "switch", "--paths", "veth,nosuch")
     assert r.returncode == 2 and "unknown path nosuch" in r.stderr
+
+
+def test_bench_ring_json():
+    r = hvnet("bench", "ring", "--json", "--seconds", "0.5")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["mpps_64"] > 0.1 and d["gbps_lso"] > 1 and d["frames_64"] > 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scapy.all import IP, IPv6, TCP, UDP, Ether, raw
 
-from netvsp.datapath import C_ID, DRAINED, NBAD, netvsp_ingress
-from netvsp.netvsc_datapath import GPA_ID, HEADROOM, netvsc_transmit
+from netvsp.datapath import C_ID, DRAINED, NBAD, netvsp_ingress, write_completions
+from netvsp.netvsc_datapath import GPA_ID, netvsc_reclaim, netvsc_transmit
 from netvsp.vmbus import ring as RG
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
                           GSO_TCPV4, GSO_TCPV6, GSO_TYPE, LEN, OFF, TCI, PacketBatch,
@@ -49,8 +49,9 @@ def test_small_and_large_frames_cross_with_their_offloads():
     bufs = np.zeros((1, 2), dtype=np.int64)
     nvsp = np.zeros(16, dtype=np.uint8)
     stats = np.zeros(4, dtype=np.int64)
+    busy = np.zeros(NSEC, dtype=np.uint8)
     nxt, sig = netvsc_transmit(mem, RING, RDS, b.meta, b.data, TXA, 3, 0, SBUF, SEC, free,
-                               nfree, bufs, nvsp, stats)
+                               nfree, busy, bufs, nvsp, stats)
     assert (nxt, sig) == (3, 1) and stats.tolist() == [2, 1, 0, 0] and nfree[0] == NSEC - 2
     # the host side
     h = PacketBatch(64, arena=1 << 20)
@@ -70,6 +71,15 @@ def test_small_and_large_frames_cross_with_their_offloads():
     assert h.meta[GSO_TYPE, 2] == GSO_TCPV4 and h.meta[GSO_SIZE, 2] == 1448
     # completions name what to free: sections (index + 1), the GPA frame's slot
     assert sorted(comp[:3, C_ID].tolist()) == sorted([NSEC, NSEC - 1, GPA_ID + 2])
+    out = RING + 4096 + RDS                      # a host-to-guest ring after it
+    RG.Ring(mem, out, RDS).init()
+    write_completions(mem, out, RDS, comp, 0, ncomp, np.zeros(8, np.uint8))
+    write_completions(mem, out, RDS, comp, 0, 1, np.zeros(8, np.uint8))   # one twice
+    gpa_done = np.zeros(1, dtype=np.int64)
+    rs = np.array([RG.ring_read_pos(mem, out, RDS), 0], dtype=np.int64)
+    got = netvsc_reclaim(mem, out, RDS, rs, np.zeros(RG.DESC_FIELDS, np.int64), free, nfree,
+                         busy, gpa_done)
+    assert got == 4 and nfree[0] == NSEC and gpa_done[0] == 1 and not busy.any()
 
 
 def test_ring_full_stops_and_the_rest_goes_next_time():
@@ -83,8 +93,9 @@ def test_ring_full_stops_and_the_rest_goes_next_time():
     nfree = np.array([256], dtype=np.int64)
     args = (np.zeros((1, 2), np.int64), np.zeros(16, np.uint8), np.zeros(4, np.int64))
     RG.Ring(mem, RING, 4096).init()                # 4 KiB: about a hundred 40-byte packets
+    busy = np.zeros(256, dtype=np.uint8)
     nxt, sig = netvsc_transmit(mem, RING, 4096, b.meta, b.data, TXA, 256, 0, SBUF, SEC,
-                               free, nfree, *args)
+                               free, nfree, busy, *args)
     assert 90 < nxt < 110 and sig == 1 and nfree[0] == 256 - nxt
     # the host reads them all; the rest then fits
     r = RG.Ring(mem, RING, 4096)
@@ -92,5 +103,5 @@ def test_ring_full_stops_and_the_rest_goes_next_time():
         pass
     r.commit_read()
     nxt2, _ = netvsc_transmit(mem, RING, 4096, b.meta, b.data, TXA, 256, nxt, SBUF, SEC,
-                              free, nfree, *args)
+                              free, nfree, busy, *args)
     assert nxt2 > nxt

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS,
-                          GSO_SIZE, GSO_TCPV4, GSO_TCPV6, GSO_TYPE, ROW_PAD, TCI, copy_bytes,
-                          init_packet)
+from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAG_SHIFT, D_TAGGED, F_CSUM_PARTIAL,
+                          F_CSUM_VALID, F_VLAN, FLAGS, GSO_SIZE, GSO_TCPV4, GSO_TCPV6, GSO_TYPE,
+                          LEN, OFF, ROW_PAD, TCI, copy_bytes, init_packet)
+from switch.gso import segment
 from switch.kernel import helper, kernel
 
 from . import nvsp as N
@@ -36,8 +37,8 @@ from .vmbus import ring as RG
 # Why ingress stopped (non-negative; ring errors are the ring's negative codes).
 DRAINED, BATCH_FULL, CONTROL = 0, 1, 2
 # bad[] slots
-BAD_NVSP, BAD_SECTION, BAD_GPA, BAD_RNDIS, BAD_PPI = 0, 1, 2, 3, 4
-NBAD = 5
+BAD_NVSP, BAD_SECTION, BAD_GPA, BAD_RNDIS, BAD_PPI, BAD_COMPLETION = 0, 1, 2, 3, 4, 5
+NBAD = 6
 MAX_PIECES = 64            # GPA pieces of one packet (Linux: 32 page buffers, f.3)
 # comp[] columns: transaction id, NVSP status
 C_ID, C_STATUS = 0, 1
@@ -156,7 +157,8 @@ def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
 @kernel
 def netvsp_ingress(mem, rbase, rds, rstate, desc, pieces, nvsp,
                    sbuf_gpa, sbuf_size, section_size,
-                   meta, data, n, cursor, port_id, comp, ncomp, bad):
+                   meta, data, n, cursor, port_id, comp, ncomp, bad,
+                   rx_free, rx_nfree, rx_chain, rx_head):
     """Drain data packets of one channel into the batch from slot ``n``.
 
     ``rstate[0]`` is the private read position (start it with ring_read_pos);
@@ -176,6 +178,13 @@ def netvsp_ingress(mem, rbase, rds, rstate, desc, pieces, nvsp,
             return n, cursor, ncomp, rc
         ptype = desc[RG.D_TYPE]
         plen = desc[RG.D_PAYLOAD_LEN]
+        if ptype == P.VM_PKT_COMP:
+            # The guest is done with a receive: its sub-allocations are free again.
+            if not receive_completed(desc[RG.D_TRANS_ID], rx_free, rx_nfree, rx_chain,
+                                     rx_head):
+                bad[BAD_COMPLETION] += 1
+            rstate[0] = desc[RG.D_NEXT]
+            continue
         if (ptype != _T_INBAND and ptype != _T_GPA) or plen < 16:
             return n, cursor, ncomp, CONTROL
         RG.get_bytes(mem, data_start, rds, desc[RG.D_PAYLOAD], nvsp, 0, 16)
@@ -269,3 +278,194 @@ def write_completions(mem, wbase, wds, comp, start, ncomp, msg):
         return done - start, 0
     sig = RG.ring_write_commit(mem, wbase, wds, begin, pos)
     return done - start, 1 if sig == 1 else 0
+
+
+# ---------------------------------------------------------------- host -> guest
+MAX_RANGES = 375           # frames per transfer-page packet, as OpenVMM (f.1)
+_PPI_U32 = R.PPI_U32_SIZE
+_VLAN_SHIFT, _VLAN_CFI = R.VLAN_ID_SHIFT, R.VLAN_CFI
+_OFF_VC, _OFF_RES = R.OFF_PKT_VC_HANDLE, R.OFF_PKT_RESERVED
+_RX_CSUM_OK = R.CSUM_RX_TCP_SUCCEEDED | R.CSUM_RX_UDP_SUCCEEDED | R.CSUM_RX_IP_SUCCEEDED
+_RXBUF_ID = N.RECEIVE_BUFFER_ID
+RX_HDR = _PKT_HDR + 2 * _PPI_U32      # header, checksum info, 802.1Q
+# stats[] slots for egress
+S_DELIVERED, S_NO_BUFFER, S_RING_FULL, S_TOO_BIG, S_SEGMENTED = 0, 1, 2, 3, 4
+NSTATS = 5
+
+
+@helper
+def _rx_message(mem, at, meta, i, d, src, soff, ln, csum_ok):
+    """An RNDIS_PACKET_MSG at mem[at:] holding the frame src[soff:soff+ln], with the
+    receive checksum info and, for a tagged delivery, the tag as 802.1Q info (the
+    synthetic NIC gets tags out of band, e.5). Returns its length."""
+    q = at + _PKT_HDR
+    if csum_ok:
+        v = _RX_CSUM_OK
+        _put32(mem, q, _PPI_U32)
+        _put32(mem, q + 4, _CSUM)
+        _put32(mem, q + 8, _PPI_HDR)
+        _put32(mem, q + 12, v)
+        q += _PPI_U32
+    if d & D_TAGGED:
+        tci = (d >> D_TAG_SHIFT) & 0xFFFF
+        _put32(mem, q, _PPI_U32)
+        _put32(mem, q + 4, _VLAN)
+        _put32(mem, q + 8, _PPI_HDR)
+        _put32(mem, q + 12, ((tci & 0xFFF) << _VLAN_SHIFT) | ((tci >> 13) & 7)
+               | (_VLAN_CFI if tci & 0x1000 else 0))
+        q += _PPI_U32
+    h = q - at
+    _put32(mem, at, _RNDIS_PACKET)
+    _put32(mem, at + 4, h + ln)
+    _put32(mem, at + _OFF_DATA, h - _BASE)
+    _put32(mem, at + _OFF_DLEN, ln)
+    for k in range(_OFF_DLEN + 4, _OFF_PPI):
+        mem[at + k] = 0
+    _put32(mem, at + _OFF_PPI, (_PKT_HDR - _BASE) if h > _PKT_HDR else 0)
+    _put32(mem, at + _OFF_PPI_LEN, h - _PKT_HDR)
+    _put32(mem, at + _OFF_VC, 0)
+    _put32(mem, at + _OFF_RES, 0)
+    copy_bytes(mem, at + h, src, soff, ln)
+    return h + ln
+
+
+@helper
+def _put32(a, p, v):
+    a[p] = v & 0xFF
+    a[p + 1] = (v >> 8) & 0xFF
+    a[p + 2] = (v >> 16) & 0xFF
+    a[p + 3] = (v >> 24) & 0xFF
+
+
+@helper
+def _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats):
+    """One transfer-page packet for the nr ranges gathered; its transaction id is
+    the first sub-allocation, whose chain frees them all on completion (as
+    OpenVMM). If the ring has no room, the sub-allocations go back and the
+    frames count as dropped. Returns (written, signal)."""
+    need = P.xfer_footprint(nr, 16)
+    p = RG.ring_write_begin(mem, wbase, wds, need)
+    if p < 0:
+        stats[S_RING_FULL] += nr
+        return False, 0
+    end = P.put_xfer_page(mem, wbase, wds, p, _RXBUF_ID,
+                          P.VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED, first, ranges, nr,
+                          nvsp, 0, 16)
+    if end < 0:
+        stats[S_RING_FULL] += nr
+        return False, 0
+    head[first] = 1
+    stats[S_DELIVERED] += nr
+    return True, RG.ring_write_commit(mem, wbase, wds, p, end)
+
+
+@kernel
+def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
+                  free_subs, nfree, chain, head, ranges, nvsp, scratch, seglens, stats):
+    """Deliver plan[:, j0:j1] (one synthetic port's share of a batch) into the guest's
+    receive buffer: each frame an RNDIS_PACKET_MSG in a free sub-allocation, up to
+    MAX_RANGES of them per transfer-page packet on the host-to-guest ring. A
+    super-packet that does not fit a sub-allocation is segmented first (gso.py).
+    Returns whether to interrupt the guest."""
+    _put32(nvsp, 0, _MSG_RNDIS)
+    _put32(nvsp, 4, 0)
+    _put32(nvsp, 8, _NONE)
+    _put32(nvsp, 12, 0)
+    nr = 0
+    first = -1
+    last = -1
+    sig = 0
+    for j in range(j0, j1):
+        i = plan[0, j]
+        d = plan[1, j]
+        ln = meta[LEN, i]
+        fl = meta[FLAGS, i]
+        csum_ok = (fl & (F_CSUM_PARTIAL | F_CSUM_VALID)) != 0
+        nseg = 1
+        src = data
+        soff = meta[OFF, i]
+        segmented = False
+        if RX_HDR + ln > sub_size:
+            nseg = segment(meta, data, i, d & ~D_TAGGED, scratch, seglens, seglens.shape[0])
+            if nseg == 0 or RX_HDR + seglens[0] > sub_size:
+                stats[S_TOO_BIG] += 1
+                continue
+            src = scratch
+            soff = 0
+            segmented = True
+            csum_ok = True                 # segment() finished every checksum
+            stats[S_SEGMENTED] += 1
+        for k in range(nseg):
+            sl = seglens[k] if segmented else ln
+            if nfree[0] == 0:
+                stats[S_NO_BUFFER] += nseg - k
+                break
+            nfree[0] -= 1
+            s = free_subs[nfree[0]]
+            at = rbuf_gpa + s * sub_size
+            m = _rx_message(mem, at, meta, i, d, src, soff, sl, csum_ok)
+            soff += sl
+            ranges[nr, 0] = m
+            ranges[nr, 1] = s * sub_size
+            chain[s] = -1
+            if last >= 0:
+                chain[last] = s
+            else:
+                first = s
+            last = s
+            nr += 1
+            if nr == MAX_RANGES:
+                ok, sg = _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats)
+                if not ok:
+                    _release(first, free_subs, nfree, chain)
+                sig |= sg
+                nr = 0
+                first = -1
+                last = -1
+    if nr:
+        ok, sg = _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats)
+        if not ok:
+            _release(first, free_subs, nfree, chain)
+        sig |= sg
+    return sig
+
+
+@helper
+def _release(s, free_subs, nfree, chain):
+    n = 0
+    while s >= 0 and n < chain.shape[0]:
+        nxt = chain[s]
+        chain[s] = -1
+        free_subs[nfree[0]] = s
+        nfree[0] += 1
+        s = nxt
+        n += 1
+
+
+@helper
+def receive_completed(tid, free_subs, nfree, chain, head):
+    """The guest completed the transfer-page packet ``tid``: free its chain. False
+    when tid is not a packet in flight (a protocol violation by the guest)."""
+    if tid < 0 or tid >= head.shape[0] or head[tid] == 0:
+        return False
+    head[tid] = 0
+    _release(tid, free_subs, nfree, chain)
+    return True
+
+
+class ReceiveBuffer:
+    """The host's bookkeeping of a guest's receive buffer (f.1): ``count``
+    sub-allocations of ``sub_size`` bytes from GPA ``gpa``, a stack of the free
+    ones, and the chains of those lent to the guest in transfer-page packets."""
+
+    def __init__(self, gpa: int, size: int, sub_size: int):
+        self.gpa, self.sub_size = gpa, sub_size
+        self.count = size // sub_size
+        self.free = np.arange(self.count - 1, -1, -1, dtype=np.int64)
+        self.nfree = np.array([self.count], dtype=np.int64)
+        self.chain = np.full(self.count, -1, dtype=np.int64)
+        self.head = np.zeros(self.count, dtype=np.uint8)
+
+    def arrays(self):
+        """The four arrays netvsp_ingress takes, in its order."""
+        return self.free, self.nfree, self.chain, self.head

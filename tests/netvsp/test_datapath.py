@@ -9,9 +9,10 @@ from scapy.all import IP, TCP, UDP, Ether, raw
 
 from netvsp import nvsp as N
 from netvsp import rndis as R
-from netvsp.datapath import (BAD_GPA, BAD_PPI, BAD_RNDIS, BAD_SECTION, BATCH_FULL, C_ID,
-                             C_STATUS, CONTROL, DRAINED, NBAD, netvsp_ingress,
-                             write_completions)
+from netvsp.datapath import (BAD_COMPLETION, BAD_GPA, BAD_PPI, BAD_RNDIS, BAD_SECTION,
+                             BATCH_FULL, C_ID, C_STATUS, CONTROL, DRAINED, NBAD, NSTATS,
+                             S_DELIVERED, S_SEGMENTED, ReceiveBuffer, netvsp_egress,
+                             netvsp_ingress, write_completions)
 from netvsp.vmbus import packet as P
 from netvsp.vmbus import ring as RG
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
@@ -39,6 +40,7 @@ class Setup:
         self.nvsp = np.zeros(16, dtype=np.uint8)
         self.comp = np.zeros((256, 2), dtype=np.int64)
         self.bad = np.zeros(NBAD, dtype=np.int64)
+        self.rxbuf = ReceiveBuffer(0x300000, 64 * 1806, 1806)
 
     def section(self, idx, msgs: bytes, size=None):
         self.mem[SBUF + idx * SEC:SBUF + idx * SEC + len(msgs)] = np.frombuffer(msgs, np.uint8)
@@ -66,7 +68,8 @@ class Setup:
             self.rstate[0] = RG.ring_read_pos(self.mem, RING, 64 * 1024)
         n, cursor, ncomp, why = netvsp_ingress(
             self.mem, RING, 64 * 1024, self.rstate, self.desc, self.pieces, self.nvsp,
-            SBUF, 16 * SEC, SEC, b.meta, b.data, 0, 0, 7, self.comp, 0, self.bad)
+            SBUF, 16 * SEC, SEC, b.meta, b.data, 0, 0, 7, self.comp, 0, self.bad,
+            *self.rxbuf.arrays())
         return b, n, ncomp, why
 
 
@@ -211,3 +214,56 @@ def test_fuzzed_data_packets_never_escape():
         assert why == DRAINED and ncomp == 1
         for i in range(n):
             assert 0 <= b.meta[OFF, i] and b.meta[OFF, i] + b.meta[LEN, i] <= b.data.shape[0]
+
+
+# ---------------------------------------------------------------- host -> guest
+def test_egress_into_the_receive_buffer_and_back_by_completion():
+    from scapy.all import Dot1Q  # noqa: F401
+    from switch.batch import D_TAGGED, GSO_TCPV4, init_packet
+    from switch.parse import parse_batch
+    s = Setup()
+    rb = ReceiveBuffer(0x300000, 200 * 1806, 1806)
+    b = PacketBatch(8, arena=1 << 18)
+    small, big = frame(300), frame(20000)
+    for i, (f, at) in enumerate(((small, 0), (big, 4096))):
+        b.data[at:at + len(f)] = np.frombuffer(f, np.uint8)
+        init_packet(b.meta, i, at, len(f), 1, 0)
+    b.meta[FLAGS, 1] |= F_CSUM_PARTIAL
+    b.meta[CSUM_START, 1], b.meta[CSUM_OFF, 1] = 34, 16
+    b.meta[GSO_TYPE, 1], b.meta[GSO_SIZE, 1] = GSO_TCPV4, 1000
+    parse_batch(b.meta, b.data, 0, 2)           # as the switch's protocol edge does
+    plan = np.array([[0, 1], [2 | D_TAGGED | ((2 << 13 | 77) << 48), 2]], dtype=np.int64)
+    stats = np.zeros(NSTATS, dtype=np.int64)
+    sig = netvsp_egress(b.meta, b.data, plan, 0, 2, s.mem, OUT, 64 * 1024, rb.gpa, rb.sub_size,
+                        rb.free, rb.nfree, rb.chain, rb.head, np.zeros((375, 2), np.int64),
+                        np.zeros(16, np.uint8), np.zeros(1 << 17, np.uint8),
+                        np.zeros(128, np.int64), stats)
+    nseg = -(-(len(big) - 54) // 1000)
+    assert sig == 1 and stats[S_DELIVERED] == 1 + nseg and stats[S_SEGMENTED] == 1
+    assert rb.nfree[0] == 200 - 1 - nseg
+    # the guest's view: one transfer-page packet, one RNDIS message per range
+    p = s.h2g.read_packet()
+    ranges = np.zeros((400, 2), dtype=np.int64)
+    nr = P.parse_xfer_page(s.mem, OUT, 64 * 1024, p.desc, N.RECEIVE_BUFFER_ID, 200 * 1806,
+                           400, ranges)
+    assert nr == 1 + nseg
+    msgs = [R.decode(bytes(s.mem[rb.gpa + o:rb.gpa + o + c])) for c, o in ranges[:nr]]
+    first = msgs[0]
+    raw0 = bytes(s.mem[rb.gpa + ranges[0, 1]:rb.gpa + ranges[0, 1] + ranges[0, 0]])
+    assert raw0[first.data_start:first.data_start + first.data_len] == small
+    assert R.vlan_fields(first.ppi_u32(raw0, R.PPI_IEEE_8021Q)) == {"vid": 77, "priority": 2,
+                                                                   "cfi": False}
+    # the segments reassemble to the super-packet's payload
+    payload = b""
+    for (c, o), m in zip(ranges[1:nr], msgs[1:]):
+        rawk = bytes(s.mem[rb.gpa + o:rb.gpa + o + c])
+        seg = rawk[m.data_start:m.data_start + m.data_len]
+        assert len(seg) <= 1514
+        payload += seg[54:]
+    assert payload == big[54:]
+    # the guest completes it; the host's ingress frees the whole chain
+    s.g2h.write_packet(P.VM_PKT_COMP, N.nvsp_send_rndis_packet_complete(), p.trans_id)
+    s.g2h.write_packet(P.VM_PKT_COMP, N.nvsp_send_rndis_packet_complete(), 12345)  # unknown
+    s.rxbuf = rb
+    _, n, _, why = s.ingress()
+    assert why == DRAINED and rb.nfree[0] == 200 and s.bad[BAD_COMPLETION] == 1

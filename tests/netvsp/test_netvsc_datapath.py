@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scapy.all import IP, IPv6, TCP, UDP, Ether, raw
 
-from netvsp.datapath import C_ID, DRAINED, NBAD, netvsp_ingress, write_completions
+from netvsp.datapath import ReceiveBuffer, C_ID, DRAINED, NBAD, netvsp_ingress, write_completions
 from netvsp.netvsc_datapath import GPA_ID, netvsc_reclaim, netvsc_transmit
 from netvsp.vmbus import ring as RG
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
@@ -61,7 +61,8 @@ def test_small_and_large_frames_cross_with_their_offloads():
     n, cursor, ncomp, why = netvsp_ingress(mem, RING, RDS, rstate, np.zeros(RG.DESC_FIELDS,
                                            np.int64), np.zeros((64, 3), np.int64),
                                            np.zeros(16, np.uint8), SBUF, NSEC * SEC, SEC,
-                                           h.meta, h.data, 0, 0, 5, comp, 0, bad)
+                                           h.meta, h.data, 0, 0, 5, comp, 0, bad,
+                                           *ReceiveBuffer(0x300000, 8 * 1806, 1806).arrays())
     assert (n, ncomp, why) == (3, 3, DRAINED) and not bad.any()
     frames = [bytes(h.data[h.meta[OFF, i]:h.meta[OFF, i] + h.meta[LEN, i]]) for i in range(3)]
     assert frames == [f_small, f_v6, f_big]

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
-                          GSO_TCPV6, GSO_TYPE, LEN, OFF, TCI, copy_bytes)
+from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_CSUM_VALID, F_VLAN, FLAGS,
+                          GSO_SIZE, GSO_TCPV6, GSO_TYPE, LEN, OFF, ROW_PAD, TCI, copy_bytes,
+                          init_packet)
 from switch.kernel import helper, kernel
 
 from . import nvsp as N
@@ -191,3 +192,119 @@ def netvsc_reclaim(mem, rbase, rds, rstate, desc, free_secs, nfree, busy, gpa_do
             gpa_done[0] += 1
         rstate[0] = desc[RG.D_NEXT]
         got += 1
+
+
+# ---------------------------------------------------------------- host -> guest
+RX_OK, RX_CONTROL = 0, 1
+
+
+@kernel
+def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
+                   meta, data, n, cursor, comp, ncomp, stats):
+    """Frames the host put in the receive buffer, into a batch (what the guest's
+    stack gets: copied out of the buffer, so the sub-allocations go back at once).
+
+    For each transfer-page packet: its ranges checked as Linux's netvsc_receive
+    checks them (parse_xfer_page), each range one RNDIS_PACKET_MSG validated like
+    on the host side (lengths, offsets, per-packet info), the frame copied, the
+    802.1Q info back as the out-of-band tag, the receive checksum info as
+    F_CSUM_VALID; then the packet's completion is queued (``comp``, NVSP status
+    SUCCESS or FAIL if any message was bad, e.2). Completions of our sends and
+    anything else stop the walk (RX_CONTROL) for the caller. Returns (n, cursor,
+    ncomp, why) or a negative ring error as why."""
+    cap = meta.shape[1] - ROW_PAD
+    while n < cap and ncomp < comp.shape[0]:
+        rc = RG.read_packet(mem, rbase, rds, rstate[0], desc)
+        if rc == RG.E_EMPTY:
+            return n, cursor, ncomp, RX_OK
+        if rc < 0:
+            return n, cursor, ncomp, rc
+        if desc[RG.D_TYPE] != P.VM_PKT_DATA_USING_XFER_PAGES:
+            return n, cursor, ncomp, RX_CONTROL
+        nr = P.parse_xfer_page(mem, rbase, rds, desc, N.RECEIVE_BUFFER_ID, rbuf_size,
+                               ranges.shape[0], ranges)
+        status = N.STATUS_SUCCESS
+        if nr < 0:
+            stats[4] += 1
+            status = N.STATUS_FAIL
+            nr = 0
+        need = 0
+        for k in range(nr):
+            need += ranges[k, 0] + 64
+        if nr > cap - n or cursor + need > data.shape[0]:
+            if n == 0:
+                stats[5] += 1          # never fits an empty batch: complete it as failed
+                status = N.STATUS_FAIL
+                nr = 0
+            else:
+                return n, cursor, ncomp, RX_OK     # next batch
+        for k in range(nr):
+            cnt = ranges[k, 0]
+            at = rbuf_gpa + ranges[k, 1]
+            copy_bytes(data, cursor, mem, at, cnt)
+            n2, ok = _rndis_rx(data, cursor, cnt, meta, n)
+            if not ok:
+                stats[6] += 1
+                status = N.STATUS_FAIL
+            if n2 > n:
+                n = n2
+                cursor = (cursor + cnt + 63) & ~63
+        if desc[RG.D_FLAGS] & P.VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED:
+            comp[ncomp, 0] = desc[RG.D_TRANS_ID]
+            comp[ncomp, 1] = status
+            ncomp += 1
+        rstate[0] = desc[RG.D_NEXT]
+    return n, cursor, ncomp, RX_OK
+
+
+@helper
+def _u32(a, p):
+    return (np.int64(a[p]) | (np.int64(a[p + 1]) << 8) | (np.int64(a[p + 2]) << 16)
+            | (np.int64(a[p + 3]) << 24))
+
+
+@helper
+def _rndis_rx(data, s, L, meta, n):
+    """One RNDIS_PACKET_MSG from the host at data[s:s+L] as batch slot n."""
+    if L < _HDR:
+        return n, False
+    mlen = _u32(data, s + 4)
+    if _u32(data, s) != R.MSG_PACKET or mlen < _HDR or mlen > L:
+        return n, False
+    doff = _u32(data, s + R.OFF_PKT_DATA_OFFSET)
+    dlen = _u32(data, s + R.OFF_PKT_DATA_LEN)
+    poff = _u32(data, s + R.OFF_PKT_PPI_OFFSET)
+    plen = _u32(data, s + R.OFF_PKT_PPI_LEN)
+    body = mlen - R.OFFSET_BASE
+    if doff < _HDR - R.OFFSET_BASE or dlen < 14 or doff > body or dlen > body - doff:
+        return n, False
+    fl = 0
+    tci = 0
+    if plen > 0:
+        if poff < _HDR - R.OFFSET_BASE or poff > body or plen > body - poff:
+            return n, False
+        q = 0
+        while q < plen:
+            e = s + R.OFFSET_BASE + poff + q
+            if plen - q < R.PPI_HEADER_SIZE:
+                return n, False
+            size = _u32(data, e)
+            ptype = _u32(data, e + 4)
+            pofs = _u32(data, e + 8)
+            if size < R.PPI_HEADER_SIZE or size > plen - q or pofs < R.PPI_HEADER_SIZE \
+                    or pofs > size - 4:
+                return n, False
+            v = _u32(data, e + pofs)
+            if ptype == R.PPI_TCPIP_CHKSUM:
+                if v & (R.CSUM_RX_TCP_SUCCEEDED | R.CSUM_RX_UDP_SUCCEEDED):
+                    fl |= F_CSUM_VALID
+            elif ptype == R.PPI_IEEE_8021Q:
+                vid = (v >> R.VLAN_ID_SHIFT) & R.VLAN_ID_MASK
+                tci = ((v & R.VLAN_PRIORITY_MASK) << 13) | \
+                    ((1 if v & R.VLAN_CFI else 0) << 12) | vid
+                fl |= F_VLAN
+            q += size
+    init_packet(meta, n, s + R.OFFSET_BASE + doff, dlen, 0, 0)
+    meta[FLAGS, n] |= fl
+    meta[TCI, n] = tci
+    return n + 1, True

@@ -106,3 +106,44 @@ def test_ring_full_stops_and_the_rest_goes_next_time():
     nxt2, _ = netvsc_transmit(mem, RING, 4096, b.meta, b.data, TXA, 256, nxt, SBUF, SEC,
                               free, nfree, busy, *args)
     assert nxt2 > nxt
+
+
+def test_host_egress_to_guest_receive_round_trip():
+    from netvsp.datapath import NSTATS, netvsp_egress
+    from netvsp.netvsc_datapath import RX_OK, netvsc_receive
+    from switch.batch import D_TAGGED, F_CSUM_VALID
+    from switch.parse import parse_batch
+    mem = np.zeros(RAM, dtype=np.uint8)
+    out = RING + 4096 + RDS
+    RG.Ring(mem, out, RDS).init()
+    rb = ReceiveBuffer(0x500000, 100 * 1806, 1806)
+    h = PacketBatch(16, arena=1 << 18)
+    frames = [raw(Ether() / IP() / TCP() / bytes(k * 100)) for k in range(1, 6)]
+    at = 0
+    for i, f in enumerate(frames):
+        put(h, i, f, at)
+        at += 2048
+    h.meta[FLAGS, 0] |= F_CSUM_PARTIAL
+    parse_batch(h.meta, h.data, 0, 5)
+    plan = np.zeros((2, 5), dtype=np.int64)
+    plan[0] = np.arange(5)
+    plan[1] = 2
+    plan[1, 3] = 2 | D_TAGGED | ((3 << 13 | 10) << 48)
+    stats = np.zeros(NSTATS, dtype=np.int64)
+    netvsp_egress(h.meta, h.data, plan, 0, 5, mem, out, RDS, rb.gpa, rb.sub_size, rb.free,
+                  rb.nfree, rb.chain, rb.head, np.zeros((375, 2), np.int64),
+                  np.zeros(16, np.uint8), np.zeros(1 << 17, np.uint8), np.zeros(64, np.int64),
+                  stats)
+    g = PacketBatch(16, arena=1 << 18)
+    rs = np.array([RG.ring_read_pos(mem, out, RDS), 0], dtype=np.int64)
+    comp = np.zeros((8, 2), dtype=np.int64)
+    gst = np.zeros(8, dtype=np.int64)
+    n, cursor, ncomp, why = netvsc_receive(mem, out, RDS, rs, np.zeros(RG.DESC_FIELDS,
+                                           np.int64), np.zeros((562, 2), np.int64), rb.gpa,
+                                           100 * 1806, g.meta, g.data, 0, 0, comp, 0, gst)
+    assert (n, ncomp, why) == (5, 1, RX_OK) and not gst.any()
+    got = [bytes(g.data[g.meta[OFF, i]:g.meta[OFF, i] + g.meta[LEN, i]]) for i in range(5)]
+    assert got == frames
+    assert g.meta[FLAGS, 0] & F_CSUM_VALID and not g.meta[FLAGS, 1] & F_CSUM_VALID
+    assert g.meta[FLAGS, 3] & F_VLAN and g.meta[TCI, 3] == (3 << 13) | 10
+    assert comp[0, 1] == 1                      # completed as SUCCESS

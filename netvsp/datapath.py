@@ -37,8 +37,8 @@ from .vmbus import ring as RG
 # Why ingress stopped (non-negative; ring errors are the ring's negative codes).
 DRAINED, BATCH_FULL, CONTROL = 0, 1, 2
 # bad[] slots
-BAD_NVSP, BAD_SECTION, BAD_GPA, BAD_RNDIS, BAD_PPI, BAD_COMPLETION = 0, 1, 2, 3, 4, 5
-NBAD = 6
+BAD_NVSP, BAD_SECTION, BAD_GPA, BAD_RNDIS, BAD_PPI = 0, 1, 2, 3, 4
+NBAD = 5
 MAX_PIECES = 64            # GPA pieces of one packet (Linux: 32 page buffers, f.3)
 # comp[] columns: transaction id, NVSP status
 C_ID, C_STATUS = 0, 1
@@ -180,9 +180,10 @@ def netvsp_ingress(mem, rbase, rds, rstate, desc, pieces, nvsp,
         plen = desc[RG.D_PAYLOAD_LEN]
         if ptype == P.VM_PKT_COMP:
             # The guest is done with a receive: its sub-allocations are free again.
+            # Completions of anything else (control replies) are the control path's.
             if not receive_completed(desc[RG.D_TRANS_ID], rx_free, rx_nfree, rx_chain,
                                      rx_head):
-                bad[BAD_COMPLETION] += 1
+                return n, cursor, ncomp, CONTROL
             rstate[0] = desc[RG.D_NEXT]
             continue
         if (ptype != _T_INBAND and ptype != _T_GPA) or plen < 16:
@@ -456,13 +457,15 @@ def receive_completed(tid, free_subs, nfree, chain, head):
 class ReceiveBuffer:
     """The host's bookkeeping of a guest's receive buffer (f.1): ``count``
     sub-allocations of ``sub_size`` bytes from GPA ``gpa``, a stack of the free
-    ones, and the chains of those lent to the guest in transfer-page packets."""
+    ones, and the chains of those lent to the guest in transfer-page packets.
+    The first ``reserved`` sub-allocations are left to the control path (replies
+    and indications), as OpenVMM reserves 16 (f.1)."""
 
-    def __init__(self, gpa: int, size: int, sub_size: int):
+    def __init__(self, gpa: int, size: int, sub_size: int, reserved: int = 0):
         self.gpa, self.sub_size = gpa, sub_size
         self.count = size // sub_size
-        self.free = np.arange(self.count - 1, -1, -1, dtype=np.int64)
-        self.nfree = np.array([self.count], dtype=np.int64)
+        self.free = np.arange(self.count - 1, reserved - 1, -1, dtype=np.int64)
+        self.nfree = np.array([self.count - reserved], dtype=np.int64)
         self.chain = np.full(self.count, -1, dtype=np.int64)
         self.head = np.zeros(self.count, dtype=np.uint8)
 

@@ -132,6 +132,12 @@ class VmbusServer:
         if ch is not None and ch.state == "open":
             self._close(ch)
 
+    def close_channel(self, ch: Channel, why: str) -> None:
+        """A device closes its channel over a protocol error of its own layer (NVSP,
+        RNDIS): logged with the reason; VMBus itself was not broken."""
+        log.warning("channel %d closed: %s", ch.relid, why)
+        self._close(ch)
+
     def pump(self) -> int:
         """Handle every message waiting on the port. Returns how many."""
         n = 0

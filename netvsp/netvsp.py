@@ -334,15 +334,17 @@ class NetvspChannel:
     def relid(self) -> int:
         return self.ch.relid
 
-    def poll(self) -> int:
-        """Handle what the guest wrote into its ring (at most MAX_BATCH packets)
-        and send what waits; returns the number of packets handled."""
+    def poll(self, limit: int = MAX_BATCH) -> int:
+        """Handle what the guest wrote into its ring (at most ``limit`` packets)
+        and send what waits; returns the number of packets handled. The compiled
+        data path calls it with limit 1 for the control packet it stopped at."""
         if self.closed:
             return 0
-        if self.ch.signal is not None:
+        if self.ch.signal is not None and limit == MAX_BATCH:
             self.ch.signal.take()
+        self.in_ring.rpos = None       # the data path may have moved the read index
         try:
-            return self._poll()
+            return self._poll(limit)
         except _Violation as v:
             self._violation(v.key, v.detail)
         except RingError as e:
@@ -384,13 +386,13 @@ class NetvspChannel:
             channel.complete(trans_id, N.STATUS_SUCCESS)
 
     # ------------------------------------------------------------------ ring loop
-    def _poll(self) -> int:
+    def _poll(self, limit: int = MAX_BATCH) -> int:
         if not self._flush():
             return 0                             # ring full: read nothing (back-pressure)
         ring, handled = self.in_ring, 0
         while True:
             ring.begin_read()                    # a.5.5: no signals while draining
-            while handled < MAX_BATCH and not self.closed:
+            while handled < limit and not self.closed:
                 pkt = ring.read_packet()
                 if pkt is None:
                     break
@@ -403,7 +405,7 @@ class NetvspChannel:
             if ring.commit_read():               # a.5.4: the guest waits for room
                 self._signal = True
             more = ring.end_read()
-            if not more or self._out or handled >= MAX_BATCH:
+            if not more or self._out or handled >= limit:
                 return handled
 
     def _kick(self) -> None:

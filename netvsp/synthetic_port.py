@@ -1,0 +1,170 @@
+"""Synthetic NIC ports: NetVSP devices as a kind of switch port.
+
+Each port is one NetVSP device (netvsp.netvsp) of one partition. ``receive`` runs
+the compiled ingress (netvsp.datapath) over each open, ready channel's
+guest-to-host ring: data packets become batch slots with one copy, and when the
+walk stops at a control packet the control path handles exactly that one, then
+the walk goes on. ``transmit`` runs the compiled egress for each port's share of
+the delivery plan into the guest's receive buffer. Completions both ways stay
+in compiled code; Python runs once per channel per batch.
+
+The data path needs the guest's send and receive buffers to be contiguous in
+guest RAM (Linux allocates them so); a channel whose buffers are not is served
+by the control path only, and its data is dropped and counted there.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from switch import counters as C
+from switch.portkind import PortKind
+
+from . import datapath as D
+from .vmbus import ring as RG
+
+MAX_SEGMENTS = 128
+CONTROL_STEPS = 64          # control packets handled per channel per receive
+
+
+class _ChannelData:
+    """The data path's arrays for one open channel."""
+
+    def __init__(self, nc):
+        self.nc = nc
+        mem = nc.device.memory.mem
+        self.mem = mem
+        self.in_ring = nc.ch.in_ring
+        self.out_ring = nc.ch.out_ring
+        self.rstate = np.zeros(2, dtype=np.int64)
+        self.desc = np.zeros(RG.DESC_FIELDS, dtype=np.int64)
+        self.pieces = np.zeros((D.MAX_PIECES, 3), dtype=np.int64)
+        self.nvsp = np.zeros(16, dtype=np.uint8)
+        self.comp = np.zeros((512, 2), dtype=np.int64)
+        self.ncomp = 0
+        self.bad = np.zeros(D.NBAD, dtype=np.int64)
+        self.stats = np.zeros(D.NSTATS, dtype=np.int64)
+        self.msg = np.zeros(8, dtype=np.uint8)
+        self.ranges = np.zeros((D.MAX_RANGES, 2), dtype=np.int64)
+        self.scratch = np.zeros(65536 + MAX_SEGMENTS * 256, dtype=np.uint8)
+        self.seglens = np.zeros(MAX_SEGMENTS, dtype=np.int64)
+        rb = nc.recv_buf
+        self.rx = D.ReceiveBuffer(rb.gpa, rb.size, rb.sub_alloc_size, reserved=rb.data_first)
+        sb = nc.send_buf
+        self.sbuf = (sb.gpa, sb.size, sb.section_size) if sb is not None else (0, 0, 0)
+
+
+class SyntheticPorts(PortKind):
+    name = "synthetic"
+
+    def __init__(self):
+        super().__init__()
+        self.devices: dict[int, object] = {}      # port id -> NetvspDevice
+        self._data: dict[int, _ChannelData] = {}   # port id -> the open channel's arrays
+
+    def attach(self, port, device) -> None:
+        self.devices[port.port_id] = device
+        self.port_added(port)
+
+    def port_removed(self, port) -> None:
+        super().port_removed(port)
+        self.devices.pop(port.port_id, None)
+        self._data.pop(port.port_id, None)
+
+    def fds(self) -> list[int]:
+        return [fd for dev in self.devices.values() for fd in dev.fds()]
+
+    def _channel_data(self, pid: int):
+        """The data path's view of the port's channel, (re)made when the channel
+        opened, or None while it is not ready for data."""
+        dev = self.devices[pid]
+        nc = dev.channel
+        cd = self._data.get(pid)
+        if nc is None or nc.closed:
+            self._data.pop(pid, None)
+            return None
+        if cd is not None and cd.nc is nc:
+            return cd
+        if nc.state != "ready" or nc.recv_buf is None or nc.recv_buf.gpa is None or \
+                (nc.send_buf is not None and nc.send_buf.gpa is None):
+            return None
+        cd = _ChannelData(nc)
+        self._data[pid] = cd
+        return cd
+
+    def receive(self, batch) -> int:
+        n, cursor = 0, 0
+        for pid in self.port_ids.tolist():
+            dev = self.devices[pid]
+            cd = self._channel_data(pid)
+            if cd is None:
+                dev.poll()                       # the control path alone (bring-up)
+                continue
+            nc = cd.nc
+            if nc.ch.signal is not None:
+                nc.ch.signal.take()
+            base, ds = cd.in_ring
+            for _ in range(CONTROL_STEPS):
+                start = RG.ring_read_pos(cd.mem, base, ds)
+                if start < 0:
+                    nc.poll(1)                   # the control path reports the corrupt ring
+                    break
+                cd.rstate[0] = start
+                n, cursor, cd.ncomp, why = D.netvsp_ingress(
+                    cd.mem, base, ds, cd.rstate, cd.desc, cd.pieces, cd.nvsp, *cd.sbuf,
+                    batch.meta, batch.data, n, cursor, pid, cd.comp, cd.ncomp, cd.bad,
+                    *cd.rx.arrays())
+                if cd.rstate[0] != start:
+                    if RG.ring_read_commit(cd.mem, base, ds, cd.rstate[0], start) == 1:
+                        nc.ch.interrupt.ring()   # the guest waits for room (a.5.4)
+                self._complete(cd)
+                if why == D.CONTROL:
+                    nc.poll(1)
+                    if nc.closed:
+                        break
+                    continue
+                if why < 0:
+                    nc.poll(1)
+                break
+            if cd.nc.closed:
+                self._data.pop(pid, None)
+        batch.cursor = cursor
+        return n
+
+    def _complete(self, cd: _ChannelData) -> None:
+        if not cd.ncomp:
+            return
+        base, ds = cd.out_ring
+        w, sig = D.write_completions(cd.mem, base, ds, cd.comp, 0, cd.ncomp, cd.msg)
+        if w:
+            cd.comp[:cd.ncomp - w] = cd.comp[w:cd.ncomp]
+            cd.ncomp -= w
+        if sig:
+            cd.nc.ch.interrupt.ring()
+
+    def transmit(self, batch, plan, span) -> None:
+        ctr = self.switch.counters.table
+        for pid in self.port_ids.tolist():
+            j0, j1 = int(span[pid, 0]), int(span[pid, 1])
+            if j0 == j1:
+                continue
+            cd = self._channel_data(pid)
+            if cd is None:
+                # no data path yet: what was counted delivered was dropped
+                ctr[pid, C.TX_PKTS] -= j1 - j0
+                ctr[pid, C.DROP_OUT] += j1 - j0
+                ctr[pid, C.DROP_OUT_BASE + C.DEST_NOT_CONNECTED] += j1 - j0
+                continue
+            base, ds = cd.out_ring
+            before = cd.stats.copy()
+            sig = D.netvsp_egress(batch.meta, batch.data, plan, j0, j1, cd.mem, base, ds,
+                                  cd.rx.gpa, cd.rx.sub_size, *cd.rx.arrays(), cd.ranges,
+                                  cd.nvsp, cd.scratch, cd.seglens, cd.stats)
+            lost = int((cd.stats[D.S_NO_BUFFER] + cd.stats[D.S_RING_FULL]
+                        + cd.stats[D.S_TOO_BIG])
+                       - (before[D.S_NO_BUFFER] + before[D.S_RING_FULL] + before[D.S_TOO_BIG]))
+            lost = min(lost, j1 - j0)           # segments of one frame count once
+            if lost:
+                ctr[pid, C.DROP_OUT] += lost
+                ctr[pid, C.DROP_OUT_BASE + C.TX_FULL] += lost
+            if sig:
+                cd.nc.ch.interrupt.ring()

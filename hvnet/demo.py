@@ -33,9 +33,9 @@ PINGS = [
 ]
 # (client, server, server address, what)
 IPERFS = [
-    ("vm1", "vm2", "10.0.10.2", "VM to VM (tap ports)"),
+    ("vm1", "vm2", "10.0.10.2", "VM to VM (synthetic NIC to a tap port)"),
     ("host", "nas", "10.0.0.2", "host vNIC to the physical network (uplink)"),
-    ("router", "vm1", "10.0.10.1", "physical router to a VM, VLAN 10 tagged"),
+    ("router", "vm1", "10.0.10.1", "physical router to a synthetic VM, VLAN 10 tagged"),
 ]
 ACL_PROBE = ("import socket,sys\ns=socket.socket();s.settimeout(1.5)\n"
              "try:\n s.connect((sys.argv[1],23));print('connected')\n"

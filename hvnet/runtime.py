@@ -85,9 +85,86 @@ class TapNic:
                                self.ifname, ps)
 
 
-NIC_PROVIDERS = {"tap": TapNic}
-NOT_YET = {"synthetic": "the synthetic NIC (NetVSC/NetVSP over VMBus)",
-           "e1000": "the emulated e1000 NIC", "sriov": "SR-IOV VF passthrough"}
+class SyntheticNic:
+    """NIC kind ``synthetic``: a partition (guest RAM, the SynIC message port, a
+    VMBus server) with a NetVSP device on the host, and the NetVSC driver process
+    in the VM's namespace owning its tap (netvsp.netvsc_driver)."""
+    RAM = 64 << 20
+
+    def __init__(self, rt: "Runtime", nic: Nic):
+        self.rt, self.nic = rt, nic
+        self.ns = rt.nn.name(nic.vm)
+        self.ifname = f"eth{nic.index}"
+        self.port_name = f"{nic.vm}.{self.ifname}"
+
+    def attach(self):
+        import subprocess
+        import sys
+
+        from hypervisor.partition import ControlChannel, GuestMemory
+        from hypervisor.synic import MessagePort
+        from netvsp.netvsp import NetvspDevice
+        from netvsp.vmbus.server import VmbusServer
+
+        from . import nsexec
+        from .rundir import RunDir
+        rt, ps = self.rt, self.nic.port
+        rt.nn.add_tap(self.ns, self.ifname)
+        rt.nn.set_mac(self.ns, self.ifname, mac_to_str(ps.mac))
+        rt.nn.set_mtu(self.ns, self.ifname, ps.mtu)
+        for a in ps.addresses:
+            rt.nn.add_address(self.ns, self.ifname, a)
+        self.ram = GuestMemory(self.RAM, name=f"{self.port_name}-ram")
+        host_port, guest_port = MessagePort.pair()
+        self.server = VmbusServer(host_port, self.ram)
+        self.device = NetvspDevice(self.ram, self.server, ps.mac, mtu=ps.mtu)
+        ctl, guest_ctl = ControlChannel.pair()
+        self.proc = nsexec.popen(self.ns, [sys.executable, "-m", "netvsp.netvsc_driver",
+                                           "--ctl", str(guest_ctl.fileno()),
+                                           "--ifname", self.ifname],
+                                 pass_fds=[guest_ctl.fileno()], stdin=subprocess.DEVNULL)
+        RunDir(rt.state_dir.name, rt.state_dir.parent).record_process(
+            self.proc.pid, f"NetVSC driver of {self.port_name}")
+        guest_ctl.close()
+        ctl.send({"type": "attach", "ram": self.RAM, "mtu": ps.mtu},
+                 [self.ram.fd, guest_port.fileno()])
+        guest_port.close()
+        self.ctl = ctl
+        sw = rt.switches[self.nic.switch]
+        with sw._dp_lock:
+            port = sw.add_port(self.port_name, "synthetic", mac=ps.mac, mtu=ps.mtu,
+                               kind=rt.synthetic[self.nic.switch], properties=ps.properties())
+            if port is None:
+                raise RuntimeError_(f"switch {self.nic.switch!r} refused port "
+                                    f"{self.port_name!r} (an extension vetoed it)")
+            rt.synthetic[self.nic.switch].attach(port, self.device, self.server)
+        rt.port_switch[self.port_name] = self.nic.switch
+        rt.port_ns[self.port_name] = (self.ns, self.ifname)
+        rt.after_start.append(self._wait_up)
+        return port
+
+    def _wait_up(self):
+        """The driver brings the NIC up while the data path runs; then the tap's
+        link, addresses and routes are set in the VM."""
+        import select
+        if not select.select([self.ctl.fileno()], [], [], 120)[0]:
+            raise RuntimeError_(f"{self.port_name}: the NetVSC driver did not come up")
+        got = self.ctl.recv()
+        if got is None or got[0].get("type") != "up":
+            raise RuntimeError_(f"{self.port_name}: the NetVSC driver failed ({got})")
+        ps = self.nic.port
+        self.rt.nn.set_up(self.ns, self.ifname)
+        if ps.gateway:
+            self.rt.nn.add_route(self.ns, "default", ps.gateway)
+
+    def detach(self):
+        from . import nsexec
+        nsexec.stop(self.proc)
+        self.ctl.close()
+
+
+NIC_PROVIDERS = {"tap": TapNic, "synthetic": SyntheticNic}
+NOT_YET = {"e1000": "the emulated e1000 NIC", "sriov": "SR-IOV VF passthrough"}
 
 
 def check_providers(topo: Topology, nics=None) -> None:
@@ -109,6 +186,8 @@ class Runtime:
         self.switches: dict[str, Switch] = {}
         self.taps: dict[str, TapPorts] = {}
         self.rings: dict[str, PacketRingPorts] = {}
+        self.synthetic: dict = {}
+        self.after_start: list = []
         self.port_switch: dict[str, str] = {}        # port name -> switch name
         self.port_ns: dict[str, tuple] = {}          # port name -> (namespace, ifname)
         self.nics: dict[str, list] = {}               # vm -> providers
@@ -156,6 +235,8 @@ class Runtime:
         self.switches[spec.name] = sw
         self.taps[spec.name] = sw.add_kind(TapPorts())
         self.rings[spec.name] = sw.add_kind(PacketRingPorts())
+        from netvsp.synthetic_port import SyntheticPorts
+        self.synthetic[spec.name] = sw.add_kind(SyntheticPorts())
         for e in spec.extensions:
             mod, _, cls = e.target.partition(":")
             try:
@@ -276,6 +357,10 @@ class Runtime:
             prov.attach()
             provs.append(prov)
         self.topo.vms[vm] = nics
+        if self.started is not None:          # added at run time: its data path runs
+            for fn in self.after_start:
+                fn()
+            self.after_start.clear()
         return [p.port_name for p in provs]
 
     def remove_vm(self, vm: str) -> list[str]:
@@ -284,6 +369,8 @@ class Runtime:
                                 f"{sorted(self.topo.vms)}")
         removed = []
         for prov in self.nics.pop(vm, []):
+            if hasattr(prov, "detach"):
+                prov.detach()
             name = prov.port_name
             sw = self.switches[self.port_switch[name]]
             for cid, cap in list(self.captures.items()):
@@ -330,6 +417,10 @@ class Runtime:
                                  daemon=True)
             t.start()
             self._threads.append(t)
+        # NICs whose guest side comes up over the running data path (synthetic)
+        for fn in self.after_start:
+            fn()
+        self.after_start.clear()
 
     def _loop(self, sw: Switch) -> None:
         try:
@@ -346,6 +437,10 @@ class Runtime:
 
     def teardown(self) -> list[str]:
         self.stop()
+        for provs in self.nics.values():
+            for prov in provs:
+                if hasattr(prov, "detach"):
+                    prov.detach()
         for cid in list(self.captures):
             self.capture_stop(cid)
         for kinds in (self.taps, self.rings):

@@ -386,7 +386,10 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
         src = data
         soff = meta[OFF, i]
         segmented = False
-        if RX_HDR + ln > sub_size:
+        # A partial checksum is finished here (segment() does it for one frame too):
+        # Linux's netvsc can only be told "checksum good" (e.5), and its stack
+        # would otherwise see the unfinished sum the sender's stack left.
+        if RX_HDR + ln > sub_size or fl & F_CSUM_PARTIAL:
             nseg = segment(meta, data, i, d & ~D_TAGGED, scratch, seglens, seglens.shape[0])
             if nseg == 0 or RX_HDR + seglens[0] > sub_size:
                 stats[S_TOO_BIG] += 1
@@ -395,7 +398,8 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
             soff = 0
             segmented = True
             csum_ok = True                 # segment() finished every checksum
-            stats[S_SEGMENTED] += 1
+            if nseg > 1:
+                stats[S_SEGMENTED] += 1
         for k in range(nseg):
             sl = seglens[k] if segmented else ln
             if nfree[0] == 0:

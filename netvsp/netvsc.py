@@ -143,6 +143,7 @@ class Netvsc:
     # ------------------------------------------------------------------ receiving
     def _drain(self) -> int:
         n = 0
+        self.inr.rpos = None              # the data path may have moved the read index
         while True:
             pkt = self.inr.read_packet()
             if pkt is None:
@@ -157,6 +158,22 @@ class Netvsc:
         if n:
             self._kick(self.inr.commit_read())
         return n
+
+    def handle_one(self) -> bool:
+        """One packet from the host for the control path (the data path stopped at
+        it): a completion, a control reply or indication, an in-band message."""
+        self.inr.rpos = None              # the data path may have moved the read index
+        pkt = self.inr.read_packet()
+        if pkt is None:
+            return False
+        if pkt.type == P.VM_PKT_COMP:
+            self._completions[pkt.trans_id] = pkt.payload
+        elif pkt.type == P.VM_PKT_DATA_USING_XFER_PAGES:
+            self._receive(pkt)
+        elif pkt.type == P.VM_PKT_DATA_INBAND:
+            self.host_inband.append(pkt.payload)
+        self._kick(self.inr.commit_read())
+        return True
 
     def _receive(self, pkt) -> None:
         """RNDIS messages from the host in receive-buffer ranges; completed after."""

@@ -195,12 +195,12 @@ def netvsc_reclaim(mem, rbase, rds, rstate, desc, free_secs, nfree, busy, gpa_do
 
 
 # ---------------------------------------------------------------- host -> guest
-RX_OK, RX_CONTROL = 0, 1
+RX_OK, RX_CONTROL, RX_COMPLETION = 0, 1, 2
 
 
 @kernel
 def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
-                   meta, data, n, cursor, comp, ncomp, stats):
+                   meta, data, n, cursor, comp, ncomp, stats, nvsp8):
     """Frames the host put in the receive buffer, into a batch (what the guest's
     stack gets: copied out of the buffer, so the sub-allocations go back at once).
 
@@ -209,9 +209,10 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
     on the host side (lengths, offsets, per-packet info), the frame copied, the
     802.1Q info back as the out-of-band tag, the receive checksum info as
     F_CSUM_VALID; then the packet's completion is queued (``comp``, NVSP status
-    SUCCESS or FAIL if any message was bad, e.2). Completions of our sends and
-    anything else stop the walk (RX_CONTROL) for the caller. Returns (n, cursor,
-    ncomp, why) or a negative ring error as why."""
+    SUCCESS or FAIL if any message was bad, e.2). A completion of our sends stops
+    the walk with RX_COMPLETION (netvsc_reclaim takes it), anything else with
+    RX_CONTROL (the control path's). Returns (n, cursor, ncomp, why) or a
+    negative ring error as why. ``nvsp8``: 8 bytes of scratch."""
     cap = meta.shape[1] - ROW_PAD
     while n < cap and ncomp < comp.shape[0]:
         rc = RG.read_packet(mem, rbase, rds, rstate[0], desc)
@@ -219,7 +220,16 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
             return n, cursor, ncomp, RX_OK
         if rc < 0:
             return n, cursor, ncomp, rc
+        if desc[RG.D_TYPE] == P.VM_PKT_COMP:
+            return n, cursor, ncomp, RX_COMPLETION      # netvsc_reclaim's
         if desc[RG.D_TYPE] != P.VM_PKT_DATA_USING_XFER_PAGES:
+            return n, cursor, ncomp, RX_CONTROL
+        # RNDIS control replies and indications come the same way, channel type 1
+        # in the NVSP message after the ranges (e.2): the control path's.
+        if desc[RG.D_PAYLOAD_LEN] < 8:
+            return n, cursor, ncomp, RX_CONTROL
+        RG.get_bytes(mem, rbase + RG.CONTROL, rds, desc[RG.D_PAYLOAD], nvsp8, 0, 8)
+        if _u32(nvsp8, 0) != N.MSG_SEND_RNDIS_PKT or _u32(nvsp8, 4) != N.CHANNEL_TYPE_DATA:
             return n, cursor, ncomp, RX_CONTROL
         nr = P.parse_xfer_page(mem, rbase, rds, desc, N.RECEIVE_BUFFER_ID, rbuf_size,
                                ranges.shape[0], ranges)

@@ -59,19 +59,26 @@ class SyntheticPorts(PortKind):
     def __init__(self):
         super().__init__()
         self.devices: dict[int, object] = {}      # port id -> NetvspDevice
+        self.servers: dict[int, object] = {}      # port id -> its partition's VmbusServer
         self._data: dict[int, _ChannelData] = {}   # port id -> the open channel's arrays
 
-    def attach(self, port, device) -> None:
+    def attach(self, port, device, server=None) -> None:
+        """Serve ``port`` with ``device``; ``server``, if given, is pumped here too
+        (the partition's VMBus control messages)."""
         self.devices[port.port_id] = device
+        if server is not None:
+            self.servers[port.port_id] = server
         self.port_added(port)
 
     def port_removed(self, port) -> None:
         super().port_removed(port)
         self.devices.pop(port.port_id, None)
+        self.servers.pop(port.port_id, None)
         self._data.pop(port.port_id, None)
 
     def fds(self) -> list[int]:
-        return [fd for dev in self.devices.values() for fd in dev.fds()]
+        return ([fd for dev in self.devices.values() for fd in dev.fds()]
+                + [srv.port.fileno() for srv in self.servers.values()])
 
     def _channel_data(self, pid: int):
         """The data path's view of the port's channel, (re)made when the channel
@@ -92,6 +99,8 @@ class SyntheticPorts(PortKind):
         return cd
 
     def receive(self, batch) -> int:
+        for srv in self.servers.values():
+            srv.pump()
         n, cursor = 0, 0
         for pid in self.port_ids.tolist():
             dev = self.devices[pid]

@@ -148,7 +148,8 @@ def test_peer_frames_reach_the_guest_receive_buffer(vm):
         n, _, _, why = netvsc_receive(ram.mem, nic.inr.base, nic.inr.datasize, rs,
                                       np.zeros(RG.DESC_FIELDS, np.int64),
                                       np.zeros((562, 2), np.int64), nic.recv_gpa, nic.recv_size,
-                                      g.meta, g.data, 0, 0, comp, 0, np.zeros(8, np.int64))
+                                      g.meta, g.data, 0, 0, comp, 0, np.zeros(8, np.int64),
+                                      np.zeros(8, np.uint8))
         got.extend(bytes(g.data[g.meta[OFF, i]:g.meta[OFF, i] + g.meta[LEN, i]])
                    for i in range(n))
         return len(got) >= 5

@@ -444,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="topology file (YAML)")
     s.add_argument("--fg", action="store_true", help="stay in the foreground")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
-    s.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds to wait for the daemon (default 120)")
+    s.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to wait for the daemon (default 300: a first run "
+                   "compiles the kernels)")
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("down", help="take a running topology down")

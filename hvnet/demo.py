@@ -43,7 +43,7 @@ ACL_PROBE = ("import socket,sys\ns=socket.socket();s.settimeout(1.5)\n"
              "except OSError as e:print(e.strerror)\n")
 
 
-def _hvnet(*args, timeout=180):
+def _hvnet(*args, timeout=400):
     return subprocess.run([sys.executable, "-m", "hvnet.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 

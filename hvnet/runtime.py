@@ -147,7 +147,7 @@ class SyntheticNic:
         """The driver brings the NIC up while the data path runs; then the tap's
         link, addresses and routes are set in the VM."""
         import select
-        if not select.select([self.ctl.fileno()], [], [], 120)[0]:
+        if not select.select([self.ctl.fileno()], [], [], 300)[0]:
             raise RuntimeError_(f"{self.port_name}: the NetVSC driver did not come up")
         got = self.ctl.recv()
         if got is None or got[0].get("type") != "up":

@@ -35,6 +35,10 @@ class PortKind:
         empty if it cannot be waited on (then the switch polls it)."""
         return []
 
+    def warm(self) -> None:
+        """Compile (or load) kernels the kind runs only once traffic flows, so the
+        first packets do not wait for numba (Switch.warm calls it)."""
+
     def receive(self, batch) -> int:
         """Fill ``batch`` (from 0) with frames from this kind's ports; return the count."""
         return 0

@@ -526,6 +526,7 @@ class Switch:
             span = np.zeros_like(self._plan.span)
             for k in self.kinds:
                 k.transmit(b, self._plan.plan, span)
+                k.warm()
 
     def run(self, stop, idle_wait_s: float = 0.05, age_every_s: float = 10.0) -> None:
         """The data-path loop: poll every port kind; when none had anything, sleep in

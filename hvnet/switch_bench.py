@@ -5,6 +5,7 @@ offloads) joined in turn by a direct veth pair, a Linux bridge, and two hvnet
 paths brought up by the real daemon (``hvnet up``):
 
 - ``hvnet tap-tap``: two VMs whose NICs are tap ports of one switch;
+- ``hvnet synthetic``: two VMs with synthetic NICs (NetVSC and NetVSP over VMBus);
 - ``hvnet internal-uplink``: the host vNIC (internal port, a tap) to a host on the
   physical network behind the uplink (AF_PACKET rings on a veth, a Linux bridge
   on the far side); ``internal-uplink-v3`` the same with TPACKET_V3 rings (not
@@ -33,6 +34,13 @@ switches: {{sw0: {{}}}}
 vms:
   a: {{nics: [{{switch: sw0, kind: tap, mac: "{a_mac}", addresses: [{a_ip}/24]}}]}}
   b: {{nics: [{{switch: sw0, kind: tap, mac: "{b_mac}", addresses: [{b_ip}/24]}}]}}
+""",
+    "synthetic": """
+name: {name}
+switches: {{sw0: {{}}}}
+vms:
+  a: {{nics: [{{switch: sw0, kind: synthetic, mac: "{a_mac}", addresses: [{a_ip}/24]}}]}}
+  b: {{nics: [{{switch: sw0, kind: synthetic, mac: "{b_mac}", addresses: [{b_ip}/24]}}]}}
 """,
     "internal-uplink": """
 name: {name}
@@ -66,7 +74,7 @@ def _path(kind: str):
             with open(f, "w") as fh:
                 fh.write(TOPOLOGIES[kind].format(name=name, a_mac=e2e.A_MAC, b_mac=e2e.B_MAC,
                                                  a_ip=e2e.A_IP, b_ip=e2e.B_IP))
-            r = _hvnet(env, "up", f, "--json")
+            r = _hvnet(env, "up", f, "--json", timeout=400)
             if r.returncode != 0:
                 raise RuntimeError(f"hvnet up ({kind}): {r.stderr.strip()}")
             try:
@@ -81,7 +89,7 @@ def _path(kind: str):
 
 PATHS = {"veth": e2e.veth_peer, "bridge": e2e.bridge_peer}
 PATHS.update({k: _path(k) for k in TOPOLOGIES})
-DEFAULT_PATHS = ("veth", "bridge", "tap-tap", "internal-uplink")
+DEFAULT_PATHS = ("veth", "bridge", "tap-tap", "synthetic", "internal-uplink")
 
 
 def main(a, out, err) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from switch.byteorder import le32, put_le32
 from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAG_SHIFT, D_TAGGED, F_CSUM_PARTIAL,
                           F_CSUM_VALID, F_VLAN, FLAGS, GSO_SIZE, GSO_TCPV4, GSO_TCPV6, GSO_TYPE,
                           LEN, OFF, ROW_PAD, TCI, copy_bytes, init_packet)
@@ -65,12 +66,6 @@ _LSO_MSS, _LSO_OFF_SHIFT, _LSO_OFF_MASK, _LSO_V6 = (R.LSO_MSS_MASK, R.LSO_TCP_HE
 
 
 @helper
-def _u32(a, p):
-    return (np.int64(a[p]) | (np.int64(a[p + 1]) << 8) | (np.int64(a[p + 2]) << 16)
-            | (np.int64(a[p + 3]) << 24))
-
-
-@helper
 def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
     """The RNDIS_PACKET_MSGs of the stream data[s:s+L] as batch slots from n.
     Returns (n, ok); ok is False if any message was malformed (the rest of the
@@ -81,14 +76,14 @@ def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
             bad[BAD_RNDIS] += 1
             return n, False
         m = s + o
-        mlen = _u32(data, m + 4)
-        if _u32(data, m) != _RNDIS_PACKET or mlen < _PKT_HDR or mlen > L - o:
+        mlen = le32(data, m + 4)
+        if le32(data, m) != _RNDIS_PACKET or mlen < _PKT_HDR or mlen > L - o:
             bad[BAD_RNDIS] += 1
             return n, False
-        doff = _u32(data, m + _OFF_DATA)
-        dlen = _u32(data, m + _OFF_DLEN)
-        poff = _u32(data, m + _OFF_PPI)
-        plen = _u32(data, m + _OFF_PPI_LEN)
+        doff = le32(data, m + _OFF_DATA)
+        dlen = le32(data, m + _OFF_DLEN)
+        poff = le32(data, m + _OFF_PPI)
+        plen = le32(data, m + _OFF_PPI_LEN)
         body = mlen - _BASE
         # data and PPI areas inside the message, after the fixed body (e.4)
         if doff < _PKT_HDR - _BASE or dlen < 14 or doff > body or dlen > body - doff:
@@ -110,13 +105,13 @@ def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
                 if plen - q < _PPI_HDR:
                     bad[BAD_PPI] += 1
                     return n, False
-                size = _u32(data, e)
-                ptype = _u32(data, e + 4)
-                pofs = _u32(data, e + 8)
+                size = le32(data, e)
+                ptype = le32(data, e + 4)
+                pofs = le32(data, e + 8)
                 if size < _PPI_HDR or size > plen - q or pofs < _PPI_HDR or pofs > size - 4:
                     bad[BAD_PPI] += 1
                     return n, False
-                v = _u32(data, e + pofs)
+                v = le32(data, e + pofs)
                 if ptype == _CSUM:
                     tcp_off = (v >> _TX_TCP_OFF_SHIFT) & _TX_TCP_OFF_MASK
                     if v & (_TX_TCP | _TX_UDP) and v & (_TX_V4 | _TX_V6) and tcp_off >= 14:
@@ -189,10 +184,10 @@ def netvsp_ingress(mem, rbase, rds, rstate, desc, pieces, nvsp,
         if (ptype != _T_INBAND and ptype != _T_GPA) or plen < 16:
             return n, cursor, ncomp, CONTROL
         RG.get_bytes(mem, data_start, rds, desc[RG.D_PAYLOAD], nvsp, 0, 16)
-        if _u32(nvsp, 0) != _MSG_RNDIS or _u32(nvsp, 4) != 0:
+        if le32(nvsp, 0) != _MSG_RNDIS or le32(nvsp, 4) != 0:
             return n, cursor, ncomp, CONTROL      # not data: the control path's
-        idx = _u32(nvsp, 8)
-        ssz = _u32(nvsp, 12)
+        idx = le32(nvsp, 8)
+        ssz = le32(nvsp, 12)
         status = N.STATUS_SUCCESS
         total = 0
         npieces = 0
@@ -302,40 +297,32 @@ def _rx_message(mem, at, meta, i, d, src, soff, ln, csum_ok):
     q = at + _PKT_HDR
     if csum_ok:
         v = _RX_CSUM_OK
-        _put32(mem, q, _PPI_U32)
-        _put32(mem, q + 4, _CSUM)
-        _put32(mem, q + 8, _PPI_HDR)
-        _put32(mem, q + 12, v)
+        put_le32(mem, q, _PPI_U32)
+        put_le32(mem, q + 4, _CSUM)
+        put_le32(mem, q + 8, _PPI_HDR)
+        put_le32(mem, q + 12, v)
         q += _PPI_U32
     if d & D_TAGGED:
         tci = (d >> D_TAG_SHIFT) & 0xFFFF
-        _put32(mem, q, _PPI_U32)
-        _put32(mem, q + 4, _VLAN)
-        _put32(mem, q + 8, _PPI_HDR)
-        _put32(mem, q + 12, ((tci & 0xFFF) << _VLAN_SHIFT) | ((tci >> 13) & 7)
+        put_le32(mem, q, _PPI_U32)
+        put_le32(mem, q + 4, _VLAN)
+        put_le32(mem, q + 8, _PPI_HDR)
+        put_le32(mem, q + 12, ((tci & 0xFFF) << _VLAN_SHIFT) | ((tci >> 13) & 7)
                | (_VLAN_CFI if tci & 0x1000 else 0))
         q += _PPI_U32
     h = q - at
-    _put32(mem, at, _RNDIS_PACKET)
-    _put32(mem, at + 4, h + ln)
-    _put32(mem, at + _OFF_DATA, h - _BASE)
-    _put32(mem, at + _OFF_DLEN, ln)
+    put_le32(mem, at, _RNDIS_PACKET)
+    put_le32(mem, at + 4, h + ln)
+    put_le32(mem, at + _OFF_DATA, h - _BASE)
+    put_le32(mem, at + _OFF_DLEN, ln)
     for k in range(_OFF_DLEN + 4, _OFF_PPI):
         mem[at + k] = 0
-    _put32(mem, at + _OFF_PPI, (_PKT_HDR - _BASE) if h > _PKT_HDR else 0)
-    _put32(mem, at + _OFF_PPI_LEN, h - _PKT_HDR)
-    _put32(mem, at + _OFF_VC, 0)
-    _put32(mem, at + _OFF_RES, 0)
+    put_le32(mem, at + _OFF_PPI, (_PKT_HDR - _BASE) if h > _PKT_HDR else 0)
+    put_le32(mem, at + _OFF_PPI_LEN, h - _PKT_HDR)
+    put_le32(mem, at + _OFF_VC, 0)
+    put_le32(mem, at + _OFF_RES, 0)
     copy_bytes(mem, at + h, src, soff, ln)
     return h + ln
-
-
-@helper
-def _put32(a, p, v):
-    a[p] = v & 0xFF
-    a[p + 1] = (v >> 8) & 0xFF
-    a[p + 2] = (v >> 16) & 0xFF
-    a[p + 3] = (v >> 24) & 0xFF
 
 
 @helper
@@ -368,10 +355,10 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
     MAX_RANGES of them per transfer-page packet on the host-to-guest ring. A
     super-packet that does not fit a sub-allocation is segmented first (gso.py).
     Returns whether to interrupt the guest."""
-    _put32(nvsp, 0, _MSG_RNDIS)
-    _put32(nvsp, 4, 0)
-    _put32(nvsp, 8, _NONE)
-    _put32(nvsp, 12, 0)
+    put_le32(nvsp, 0, _MSG_RNDIS)
+    put_le32(nvsp, 4, 0)
+    put_le32(nvsp, 8, _NONE)
+    put_le32(nvsp, 12, 0)
     nr = 0
     first = -1
     last = -1

@@ -13,8 +13,8 @@ a send section, ``GPA_ID + slot`` for a GPA-direct frame (its batch slot).
 """
 from __future__ import annotations
 
-import numpy as np
 
+from switch.byteorder import le32, put_le32
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_CSUM_VALID, F_VLAN, FLAGS,
                           GSO_SIZE, GSO_TCPV6, GSO_TYPE, LEN, OFF, ROW_PAD, TCI, copy_bytes,
                           init_packet)
@@ -32,19 +32,11 @@ _PPI = R.PPI_U32_SIZE
 
 
 @helper
-def _put32(a, p, v):
-    a[p] = v & 0xFF
-    a[p + 1] = (v >> 8) & 0xFF
-    a[p + 2] = (v >> 16) & 0xFF
-    a[p + 3] = (v >> 24) & 0xFF
-
-
-@helper
 def _ppi(a, p, ptype, v):
-    _put32(a, p, _PPI)
-    _put32(a, p + 4, ptype)
-    _put32(a, p + 8, R.PPI_HEADER_SIZE)
-    _put32(a, p + 12, v)
+    put_le32(a, p, _PPI)
+    put_le32(a, p + 4, ptype)
+    put_le32(a, p + 8, R.PPI_HEADER_SIZE)
+    put_le32(a, p + 12, v)
     return p + _PPI
 
 
@@ -73,16 +65,16 @@ def _header(meta, i, out, p, v6):
         q = _ppi(out, q, R.PPI_TCPIP_CHKSUM, v)
     hsize = q - p
     ppi_len = hsize - _HDR
-    _put32(out, p, R.MSG_PACKET)
-    _put32(out, p + 4, hsize + meta[LEN, i])
-    _put32(out, p + R.OFF_PKT_DATA_OFFSET, hsize - R.OFFSET_BASE)
-    _put32(out, p + R.OFF_PKT_DATA_LEN, meta[LEN, i])
+    put_le32(out, p, R.MSG_PACKET)
+    put_le32(out, p + 4, hsize + meta[LEN, i])
+    put_le32(out, p + R.OFF_PKT_DATA_OFFSET, hsize - R.OFFSET_BASE)
+    put_le32(out, p + R.OFF_PKT_DATA_LEN, meta[LEN, i])
     for k in range(R.OFF_PKT_DATA_LEN + 4, R.OFF_PKT_PPI_OFFSET):
         out[p + k] = 0
-    _put32(out, p + R.OFF_PKT_PPI_OFFSET, (_HDR - R.OFFSET_BASE) if ppi_len else 0)
-    _put32(out, p + R.OFF_PKT_PPI_LEN, ppi_len)
-    _put32(out, p + R.OFF_PKT_VC_HANDLE, 0)
-    _put32(out, p + R.OFF_PKT_RESERVED, 0)
+    put_le32(out, p + R.OFF_PKT_PPI_OFFSET, (_HDR - R.OFFSET_BASE) if ppi_len else 0)
+    put_le32(out, p + R.OFF_PKT_PPI_LEN, ppi_len)
+    put_le32(out, p + R.OFF_PKT_VC_HANDLE, 0)
+    put_le32(out, p + R.OFF_PKT_RESERVED, 0)
     return hsize
 
 
@@ -129,10 +121,10 @@ def netvsc_transmit(mem, wbase, wds, meta, data, data_gpa, n, start,
             at = sbuf_gpa + s * section_size
             h = _header(meta, i, mem, at, v6)
             copy_bytes(mem, at + h, data, off, ln)
-            _put32(nvsp, 0, N.MSG_SEND_RNDIS_PKT)
-            _put32(nvsp, 4, N.CHANNEL_TYPE_DATA)
-            _put32(nvsp, 8, s)
-            _put32(nvsp, 12, h + ln)
+            put_le32(nvsp, 0, N.MSG_SEND_RNDIS_PKT)
+            put_le32(nvsp, 4, N.CHANNEL_TYPE_DATA)
+            put_le32(nvsp, 8, s)
+            put_le32(nvsp, 12, h + ln)
             pos = P.put_inband(mem, wbase, wds, pos, P.VM_PKT_DATA_INBAND,
                                P.VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED, s + 1, nvsp, 0, 16)
             stats[0] += 1
@@ -149,10 +141,10 @@ def netvsc_transmit(mem, wbase, wds, meta, data, data_gpa, n, start,
                     data[hstart + k] = data[off - HEADROOM + k]
             bufs[0, 0] = data_gpa + hstart
             bufs[0, 1] = h + ln
-            _put32(nvsp, 0, N.MSG_SEND_RNDIS_PKT)
-            _put32(nvsp, 4, N.CHANNEL_TYPE_DATA)
-            _put32(nvsp, 8, N.SECTION_INDEX_NONE)
-            _put32(nvsp, 12, 0)
+            put_le32(nvsp, 0, N.MSG_SEND_RNDIS_PKT)
+            put_le32(nvsp, 4, N.CHANNEL_TYPE_DATA)
+            put_le32(nvsp, 8, N.SECTION_INDEX_NONE)
+            put_le32(nvsp, 12, 0)
             pos = P.build_gpa_direct(mem, wbase, wds, pos,
                                      P.VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED, GPA_ID + i,
                                      bufs, 1, nvsp, 0, 16)
@@ -229,7 +221,7 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
         if desc[RG.D_PAYLOAD_LEN] < 8:
             return n, cursor, ncomp, RX_CONTROL
         RG.get_bytes(mem, rbase + RG.CONTROL, rds, desc[RG.D_PAYLOAD], nvsp8, 0, 8)
-        if _u32(nvsp8, 0) != N.MSG_SEND_RNDIS_PKT or _u32(nvsp8, 4) != N.CHANNEL_TYPE_DATA:
+        if le32(nvsp8, 0) != N.MSG_SEND_RNDIS_PKT or le32(nvsp8, 4) != N.CHANNEL_TYPE_DATA:
             return n, cursor, ncomp, RX_CONTROL
         nr = P.parse_xfer_page(mem, rbase, rds, desc, N.RECEIVE_BUFFER_ID, rbuf_size,
                                ranges.shape[0], ranges)
@@ -268,23 +260,17 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
 
 
 @helper
-def _u32(a, p):
-    return (np.int64(a[p]) | (np.int64(a[p + 1]) << 8) | (np.int64(a[p + 2]) << 16)
-            | (np.int64(a[p + 3]) << 24))
-
-
-@helper
 def _rndis_rx(data, s, L, meta, n):
     """One RNDIS_PACKET_MSG from the host at data[s:s+L] as batch slot n."""
     if L < _HDR:
         return n, False
-    mlen = _u32(data, s + 4)
-    if _u32(data, s) != R.MSG_PACKET or mlen < _HDR or mlen > L:
+    mlen = le32(data, s + 4)
+    if le32(data, s) != R.MSG_PACKET or mlen < _HDR or mlen > L:
         return n, False
-    doff = _u32(data, s + R.OFF_PKT_DATA_OFFSET)
-    dlen = _u32(data, s + R.OFF_PKT_DATA_LEN)
-    poff = _u32(data, s + R.OFF_PKT_PPI_OFFSET)
-    plen = _u32(data, s + R.OFF_PKT_PPI_LEN)
+    doff = le32(data, s + R.OFF_PKT_DATA_OFFSET)
+    dlen = le32(data, s + R.OFF_PKT_DATA_LEN)
+    poff = le32(data, s + R.OFF_PKT_PPI_OFFSET)
+    plen = le32(data, s + R.OFF_PKT_PPI_LEN)
     body = mlen - R.OFFSET_BASE
     if doff < _HDR - R.OFFSET_BASE or dlen < 14 or doff > body or dlen > body - doff:
         return n, False
@@ -298,13 +284,13 @@ def _rndis_rx(data, s, L, meta, n):
             e = s + R.OFFSET_BASE + poff + q
             if plen - q < R.PPI_HEADER_SIZE:
                 return n, False
-            size = _u32(data, e)
-            ptype = _u32(data, e + 4)
-            pofs = _u32(data, e + 8)
+            size = le32(data, e)
+            ptype = le32(data, e + 4)
+            pofs = le32(data, e + 8)
             if size < R.PPI_HEADER_SIZE or size > plen - q or pofs < R.PPI_HEADER_SIZE \
                     or pofs > size - 4:
                 return n, False
-            v = _u32(data, e + pofs)
+            v = le32(data, e + pofs)
             if ptype == R.PPI_TCPIP_CHKSUM:
                 if v & (R.CSUM_RX_TCP_SUCCEEDED | R.CSUM_RX_UDP_SUCCEEDED):
                     fl |= F_CSUM_VALID

@@ -35,13 +35,13 @@ Layouts, linux/if_packet.h:
 from __future__ import annotations
 
 import mmap
-import os
 import socket
 import struct
 
 import numpy as np
 
 from . import counters as R
+from .byteorder import le16, le32, put_le32
 from .batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAGGED, F_CSUM_PARTIAL, F_CSUM_VALID,
                     F_VLAN, FLAGS, GSO_SIZE, GSO_TYPE, LEN, OFF, ROW_PAD, TCI, copy_bytes,
                     init_packet)
@@ -84,27 +84,6 @@ S_BLOCK, S_PKT, S_OFF = 0, 1, 2
 S_TX = 0
 
 
-# np.int64, not int(): numba types int(uint8) as uint64, and uint64 mixed with the
-# int64 offsets becomes float64.
-@helper
-def _u16(a, p):
-    return np.int64(a[p]) | (np.int64(a[p + 1]) << 8)
-
-
-@helper
-def _u32(a, p):
-    return (np.int64(a[p]) | (np.int64(a[p + 1]) << 8) | (np.int64(a[p + 2]) << 16)
-            | (np.int64(a[p + 3]) << 24))
-
-
-@helper
-def _put32(a, p, v):
-    a[p] = v & 0xFF
-    a[p + 1] = (v >> 8) & 0xFF
-    a[p + 2] = (v >> 16) & 0xFF
-    a[p + 3] = (v >> 24) & 0xFF
-
-
 @helper
 def _take(ring, src, snap, st, tci, tpid, vnet, port_id, meta, data, n, cursor):
     """Copy one received frame (at ``src`` in the ring, its virtio header just before
@@ -135,12 +114,12 @@ def _take(ring, src, snap, st, tci, tpid, vnet, port_id, meta, data, n, cursor):
         fl = ring[v]
         if fl & VNET_F_NEEDS_CSUM:
             meta[FLAGS, n] |= F_CSUM_PARTIAL
-            meta[CSUM_START, n] = _u16(ring, v + 6) + (4 if reinsert else 0)
-            meta[CSUM_OFF, n] = _u16(ring, v + 8)
+            meta[CSUM_START, n] = le16(ring, v + 6) + (4 if reinsert else 0)
+            meta[CSUM_OFF, n] = le16(ring, v + 8)
         elif fl & VNET_F_DATA_VALID:
             meta[FLAGS, n] |= F_CSUM_VALID
         meta[GSO_TYPE, n] = ring[v + 1]
-        meta[GSO_SIZE, n] = _u16(ring, v + 4)
+        meta[GSO_SIZE, n] = le16(ring, v + 4)
     return n + 1, (cursor + need + ALIGN - 1) & ~(ALIGN - 1), 0
 
 
@@ -167,33 +146,33 @@ def ring_receive_v3(ring, block_size, block_nr, state, port_id, vnet, meta, data
     while n < cap:
         b = state[S_BLOCK]
         base = b * block_size
-        if _u32(ring, base + 8) & TP_STATUS_USER == 0:
+        if le32(ring, base + 8) & TP_STATUS_USER == 0:
             break                                   # the kernel still owns it
-        npk = _u32(ring, base + 12)
+        npk = le32(ring, base + 12)
         k = state[S_PKT]
         p = state[S_OFF]
         if k == 0:
-            p = _u32(ring, base + 16)
+            p = le32(ring, base + 16)
         while k < npk and n < cap:
             if p < 48 or p + 40 > block_size:
                 bad[0] += npk - k                    # a header outside the block
                 k = npk
                 break
             h = base + p
-            snap = _u32(ring, h + 12)
-            mac = _u16(ring, h + 24)
-            if not _frame_ok(mac, snap, _u32(ring, h + 16), vnet, block_size - p, 48):
+            snap = le32(ring, h + 12)
+            mac = le16(ring, h + 24)
+            if not _frame_ok(mac, snap, le32(ring, h + 16), vnet, block_size - p, 48):
                 bad[0] += 1
             else:
-                n, cursor, full = _take(ring, h + mac, snap, _u32(ring, h + 20),
-                                        _u32(ring, h + 32), _u16(ring, h + 36), vnet,
+                n, cursor, full = _take(ring, h + mac, snap, le32(ring, h + 20),
+                                        le32(ring, h + 32), le16(ring, h + 36), vnet,
                                         port_id, meta, data, n, cursor)
                 if full == 1:
                     break
                 if full == 2:
                     bad[0] += 1
             k += 1
-            nxt = _u32(ring, h)
+            nxt = le32(ring, h)
             p += nxt
             if nxt == 0 and k < npk:
                 bad[0] += npk - k                    # a chain that goes nowhere
@@ -202,7 +181,7 @@ def ring_receive_v3(ring, block_size, block_nr, state, port_id, vnet, meta, data
             state[S_PKT] = k                         # batch or arena full mid-block
             state[S_OFF] = p
             break
-        _put32(ring, base + 8, TP_STATUS_KERNEL)      # give the block back
+        put_le32(ring, base + 8, TP_STATUS_KERNEL)      # give the block back
         state[S_BLOCK] = (b + 1) % block_nr
         state[S_PKT] = 0
         state[S_OFF] = 0
@@ -217,21 +196,21 @@ def ring_receive_v2(ring, frame_size, frame_nr, state, port_id, vnet, meta, data
     cap = meta.shape[1] - ROW_PAD
     while n < cap:
         h = state[S_BLOCK] * frame_size
-        st = _u32(ring, h)
+        st = le32(ring, h)
         if st & TP_STATUS_USER == 0:
             break
-        snap = _u32(ring, h + 8)
-        mac = _u16(ring, h + 12)
-        if not _frame_ok(mac, snap, _u32(ring, h + 4), vnet, frame_size, 32):
+        snap = le32(ring, h + 8)
+        mac = le16(ring, h + 12)
+        if not _frame_ok(mac, snap, le32(ring, h + 4), vnet, frame_size, 32):
             bad[0] += 1
         else:
-            n, cursor, full = _take(ring, h + mac, snap, st, _u16(ring, h + 24),
-                                    _u16(ring, h + 26), vnet, port_id, meta, data, n, cursor)
+            n, cursor, full = _take(ring, h + mac, snap, st, le16(ring, h + 24),
+                                    le16(ring, h + 26), vnet, port_id, meta, data, n, cursor)
             if full == 1:
                 break
             if full == 2:
                 bad[0] += 1
-        _put32(ring, h, TP_STATUS_KERNEL)
+        put_le32(ring, h, TP_STATUS_KERNEL)
         state[S_BLOCK] = (state[S_BLOCK] + 1) % frame_nr
     return n, cursor
 
@@ -245,7 +224,7 @@ TX_V3 = np.array([20, 16, 48], dtype=np.int64)   # tpacket3_hdr, TPACKET_ALIGN(4
 def _tx_slot(ring, tx_base, frame_size, lay, state, bad):
     """The next free transmit frame's offset, or -1 if the kernel still holds it."""
     f = tx_base + state[S_TX] * frame_size
-    st = _u32(ring, f + lay[0])
+    st = le32(ring, f + lay[0])
     if st == TP_STATUS_WRONG_FORMAT:
         bad[1] += 1                                  # the kernel refused what we wrote
         st = TP_STATUS_KERNEL
@@ -257,9 +236,9 @@ def _tx_slot(ring, tx_base, frame_size, lay, state, bad):
 @helper
 def _tx_commit(ring, f, length, state, frame_nr, lay):
     if lay[0] == 20:
-        _put32(ring, f + 0, 0)                       # V3: tp_next_offset must be 0
-    _put32(ring, f + lay[1], length)
-    _put32(ring, f + lay[0], TP_STATUS_SEND_REQUEST)
+        put_le32(ring, f + 0, 0)                       # V3: tp_next_offset must be 0
+    put_le32(ring, f + lay[1], length)
+    put_le32(ring, f + lay[0], TP_STATUS_SEND_REQUEST)
     state[S_TX] = (state[S_TX] + 1) % frame_nr
 
 

@@ -21,10 +21,11 @@ import struct
 import numpy as np
 
 from . import counters as R
+from .byteorder import le16
 from .batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAGGED, F_CSUM_PARTIAL, F_CSUM_VALID, FLAGS,
                     GSO_SIZE, GSO_TYPE, LEN, OFF, ROW_PAD, init_packet)
 from .delivery import tx_failed
-from .kernel import helper, kernel
+from .kernel import kernel
 from .portkind import PortKind
 from .syscalls import read, writev
 
@@ -56,11 +57,6 @@ def open_tap(ifname: str, offloads: bool = True) -> int:
     return fd
 
 
-@helper
-def _le16(a, p):
-    return int(a[p]) | (int(a[p + 1]) << 8)
-
-
 @kernel
 def tap_receive(fds, port_ids, meta, data, budget):
     """Read ready frames from each tap (round robin) into the batch. Returns (n, cursor)."""
@@ -83,12 +79,12 @@ def tap_receive(fds, port_ids, meta, data, budget):
             fl = data[h]
             if fl & VNET_F_NEEDS_CSUM:
                 meta[FLAGS, n] |= F_CSUM_PARTIAL
-                meta[CSUM_START, n] = _le16(data, h + 6)
-                meta[CSUM_OFF, n] = _le16(data, h + 8)
+                meta[CSUM_START, n] = le16(data, h + 6)
+                meta[CSUM_OFF, n] = le16(data, h + 8)
             elif fl & VNET_F_DATA_VALID:
                 meta[FLAGS, n] |= F_CSUM_VALID
             meta[GSO_TYPE, n] = data[h + 1]
-            meta[GSO_SIZE, n] = _le16(data, h + 4)
+            meta[GSO_SIZE, n] = le16(data, h + 4)
             cursor = (cursor + got + ALIGN - 1) & ~(ALIGN - 1)
             n += 1
         t += 1

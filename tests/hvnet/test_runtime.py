@@ -9,7 +9,6 @@ module ends with ``hvnet down`` and a check that nothing is left.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal

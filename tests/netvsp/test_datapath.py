@@ -218,7 +218,6 @@ def test_fuzzed_data_packets_never_escape():
 
 # ---------------------------------------------------------------- host -> guest
 def test_egress_into_the_receive_buffer_and_back_by_completion():
-    from scapy.all import Dot1Q  # noqa: F401
     from switch.batch import D_TAGGED, GSO_TCPV4, init_packet
     from switch.parse import parse_batch
     s = Setup()

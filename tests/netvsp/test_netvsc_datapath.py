@@ -9,7 +9,7 @@ from netvsp.datapath import ReceiveBuffer, C_ID, DRAINED, NBAD, netvsp_ingress, 
 from netvsp.netvsc_datapath import GPA_ID, netvsc_reclaim, netvsc_transmit
 from netvsp.vmbus import ring as RG
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
-                          GSO_TCPV4, GSO_TCPV6, GSO_TYPE, LEN, OFF, TCI, PacketBatch,
+                          GSO_TCPV4, GSO_TYPE, LEN, OFF, TCI, PacketBatch,
                           init_packet)
 
 RAM = 8 << 20

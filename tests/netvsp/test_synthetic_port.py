@@ -13,8 +13,7 @@ from scapy.all import IP, TCP, UDP, Ether, raw
 from hypervisor.partition import GuestMemory
 from hypervisor.synic import MessagePort
 from netvsp.netvsc import Netvsc
-from netvsp.netvsc_datapath import HEADROOM, RX_OK, netvsc_receive, netvsc_reclaim, \
-    netvsc_transmit
+from netvsp.netvsc_datapath import HEADROOM, netvsc_receive, netvsc_transmit
 from netvsp.netvsp import NetvspDevice
 from netvsp.synthetic_port import SyntheticPorts
 from netvsp.vmbus import ring as RG

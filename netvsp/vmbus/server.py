@@ -315,10 +315,12 @@ class VmbusServer:
         ch.out_ring = (base + split * PAGE, (len(g.pfns) - split - 1) * PAGE)
         ch.signal, ch.interrupt = Doorbell(), Doorbell()
         ch.state = "open"
-        result(0, [ch.signal.fd, ch.interrupt.fd])
+        # The device is ready before the guest hears the channel is open: the
+        # guest may write into the ring the moment OPENCHANNEL_RESULT arrives.
         hook = getattr(ch.device, "channel_opened", None)
         if hook is not None:
             hook(ch)
+        result(0, [ch.signal.fd, ch.interrupt.fd])
 
     def _close_msg(self, m, data) -> None:
         ch = self._channel(int(m["child_relid"]), "CLOSECHANNEL")

@@ -428,7 +428,7 @@ def test_linux_bring_up(env):
     assert ch.recv_buf.id == N.RECEIVE_BUFFER_ID and ch.recv_buf.gpa == g.recv_gpa
 
     # e.3 step 1: INITIALIZE (GPA-direct, as Linux sends control messages)
-    g.rndis(R.rndis_initialize(g.req()))
+    c = g.rndis(R.rndis_initialize(g.req()))
     m = c.m
     assert c.msg_type == R.MSG_INIT_C and int(c.fields["msg_len"]) == R.INITIALIZE_CMPLT.itemsize
     f = c.fields
@@ -570,7 +570,7 @@ def test_older_versions(env, version, size):
     assert int(f["negotiated_protocol_ver"]) == (2 if version == N.VERSION_1 else 0xFFFFFFFF)
     g.version = version
     g.buffers()
-    g.rndis(R.rndis_initialize(g.req()))
+    c = g.rndis(R.rndis_initialize(g.req()))
     assert int(c.fields["status"]) == 0
     if version == N.VERSION_1:
         # NDIS_CONFIG needs 2 (d.3): at 1 it is a violation

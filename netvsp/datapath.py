@@ -284,13 +284,17 @@ _OFF_VC, _OFF_RES = R.OFF_PKT_VC_HANDLE, R.OFF_PKT_RESERVED
 _RX_CSUM_OK = R.CSUM_RX_TCP_SUCCEEDED | R.CSUM_RX_UDP_SUCCEEDED | R.CSUM_RX_IP_SUCCEEDED
 _RXBUF_ID = N.RECEIVE_BUFFER_ID
 RX_HDR = _PKT_HDR + 2 * _PPI_U32      # header, checksum info, 802.1Q
+_PKTINFO = R.PPI_RNDIS_PKTINFO_ID
+_PKTINFO_VER = R.PKTINFO_ID_VERSION
+_SUBALLOC, _FIRST, _LAST = R.PKTINFO_SUBALLOC, R.PKTINFO_1ST_FRAG, R.PKTINFO_LAST_FRAG
+RSC_ROOM_LESS = RX_HDR + _PPI_U32     # a fragment's header with its RNDIS_PKTINFO_ID
 # stats[] slots for egress
-S_DELIVERED, S_NO_BUFFER, S_RING_FULL, S_TOO_BIG, S_SEGMENTED = 0, 1, 2, 3, 4
-NSTATS = 5
+S_DELIVERED, S_NO_BUFFER, S_RING_FULL, S_TOO_BIG, S_SEGMENTED, S_COALESCED = 0, 1, 2, 3, 4, 5
+NSTATS = 6
 
 
 @helper
-def _rx_message(mem, at, meta, i, d, src, soff, ln, csum_ok):
+def _rx_message(mem, at, meta, i, d, src, soff, ln, csum_ok, pflag, pid):
     """An RNDIS_PACKET_MSG at mem[at:] holding the frame src[soff:soff+ln], with the
     receive checksum info and, for a tagged delivery, the tag as 802.1Q info (the
     synthetic NIC gets tags out of band, e.5). Returns its length."""
@@ -301,6 +305,13 @@ def _rx_message(mem, at, meta, i, d, src, soff, ln, csum_ok):
         put_le32(mem, q + 4, _CSUM)
         put_le32(mem, q + 8, _PPI_HDR)
         put_le32(mem, q + 12, v)
+        q += _PPI_U32
+    if pflag:
+        # RSC: one fragment of a coalesced packet (RNDIS_PKTINFO_ID, e.5)
+        put_le32(mem, q, _PPI_U32)
+        put_le32(mem, q + 4, _PKTINFO)
+        put_le32(mem, q + 8, _PPI_HDR)
+        put_le32(mem, q + 12, _PKTINFO_VER | (pflag << 8) | ((pid & 0xFFFF) << 16))
         q += _PPI_U32
     if d & D_TAGGED:
         tci = (d >> D_TAG_SHIFT) & 0xFFFF
@@ -349,12 +360,18 @@ def _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats):
 
 @kernel
 def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
-                  free_subs, nfree, chain, head, ranges, nvsp, scratch, seglens, stats):
+                  free_subs, nfree, chain, head, ranges, nvsp, scratch, seglens, stats,
+                  rsc, smeta, pkt_id):
     """Deliver plan[:, j0:j1] (one synthetic port's share of a batch) into the guest's
     receive buffer: each frame an RNDIS_PACKET_MSG in a free sub-allocation, up to
     MAX_RANGES of them per transfer-page packet on the host-to-guest ring. A
-    super-packet that does not fit a sub-allocation is segmented first (gso.py).
-    Returns whether to interrupt the guest."""
+    super-packet that does not fit a sub-allocation is segmented first (gso.py),
+    unless ``rsc`` (the guest negotiated receive coalescing, NVSP 6.1): then a TCP
+    super-packet goes whole, its headers and checksums made those of one big
+    segment (segment() with the whole payload as its MSS, into ``smeta``'s one
+    column), cut across consecutive sub-allocations as RSC fragments of one
+    transfer-page packet (RNDIS_PKTINFO_ID, e.5). Returns whether to interrupt
+    the guest."""
     put_le32(nvsp, 0, _MSG_RNDIS)
     put_le32(nvsp, 4, 0)
     put_le32(nvsp, 8, _NONE)
@@ -373,6 +390,51 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
         src = data
         soff = meta[OFF, i]
         segmented = False
+        gt = meta[GSO_TYPE, i] & 0x7F
+        if rsc and RX_HDR + ln > sub_size and (gt == GSO_TCPV4 or gt == GSO_TCPV6):
+            for f in range(smeta.shape[0]):
+                smeta[f, 0] = meta[f, i]
+            smeta[GSO_SIZE, 0] = 65535
+            if segment(smeta, data, 0, d & ~D_TAGGED, scratch, seglens, 1) != 1:
+                stats[S_TOO_BIG] += 1
+                continue
+            total = seglens[0]
+            room = sub_size - RSC_ROOM_LESS
+            nfrag = (total + room - 1) // room
+            if nfrag > MAX_RANGES or nfrag > nfree[0]:
+                stats[S_NO_BUFFER] += 1
+                continue
+            if nr + nfrag > MAX_RANGES:
+                # the fragments of one packet travel in one transfer-page packet
+                ok, sg = _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats)
+                if not ok:
+                    _release(first, free_subs, nfree, chain)
+                sig |= sg
+                nr = 0
+                first = -1
+                last = -1
+            pid = pkt_id[0]
+            pkt_id[0] = (pid + 1) & 0xFFFF
+            off = 0
+            for k in range(nfrag):
+                sl = min(room, total - off)
+                pflag = _SUBALLOC | (_FIRST if k == 0 else 0) | (_LAST if k == nfrag - 1 else 0)
+                nfree[0] -= 1
+                sub = free_subs[nfree[0]]
+                m = _rx_message(mem, rbuf_gpa + sub * sub_size, meta, i, d, scratch, off, sl,
+                                True, pflag, pid)
+                off += sl
+                ranges[nr, 0] = m
+                ranges[nr, 1] = sub * sub_size
+                chain[sub] = -1
+                if last >= 0:
+                    chain[last] = sub
+                else:
+                    first = sub
+                last = sub
+                nr += 1
+            stats[S_COALESCED] += 1
+            continue
         # A partial checksum is finished here (segment() does it for one frame too):
         # Linux's netvsc can only be told "checksum good" (e.5), and its stack
         # would otherwise see the unfinished sum the sender's stack left.
@@ -395,7 +457,7 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
             nfree[0] -= 1
             s = free_subs[nfree[0]]
             at = rbuf_gpa + s * sub_size
-            m = _rx_message(mem, at, meta, i, d, src, soff, sl, csum_ok)
+            m = _rx_message(mem, at, meta, i, d, src, soff, sl, csum_ok, 0, 0)
             soff += sl
             ranges[nr, 0] = m
             ranges[nr, 1] = s * sub_size

@@ -188,6 +188,8 @@ def netvsc_reclaim(mem, rbase, rds, rstate, desc, free_secs, nfree, busy, gpa_do
 
 # ---------------------------------------------------------------- host -> guest
 RX_OK, RX_CONTROL, RX_COMPLETION = 0, 1, 2
+_PKTINFO = R.PPI_RNDIS_PKTINFO_ID
+_SUBALLOC, _FIRST, _LAST = R.PKTINFO_SUBALLOC, R.PKTINFO_1ST_FRAG, R.PKTINFO_LAST_FRAG
 
 
 @kernel
@@ -233,24 +235,59 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
         need = 0
         for k in range(nr):
             need += ranges[k, 0] + 64
-        if nr > cap - n or cursor + need > data.shape[0]:
-            if n == 0:
-                stats[5] += 1          # never fits an empty batch: complete it as failed
-                status = N.STATUS_FAIL
-                nr = 0
-            else:
-                return n, cursor, ncomp, RX_OK     # next batch
+        if n > 0 and (nr > cap - n or cursor + need > data.shape[0]):
+            return n, cursor, ncomp, RX_OK         # next batch, empty
+        if cursor + need > data.shape[0]:
+            stats[5] += 1              # never fits an empty batch: complete it as failed
+            status = N.STATUS_FAIL
+            nr = 0
+        frag = False              # inside an RSC chain (e.5): its data goes on at flen
+        flen = 0
+        ffl = 0
+        ftci = 0
         for k in range(nr):
-            cnt = ranges[k, 0]
-            at = rbuf_gpa + ranges[k, 1]
-            copy_bytes(data, cursor, mem, at, cnt)
-            n2, ok = _rndis_rx(data, cursor, cnt, meta, n)
-            if not ok:
+            ok, ds, dl, fl, tci, pflag = _rx_parse(mem, rbuf_gpa + ranges[k, 1], ranges[k, 0])
+            if not ok or (not (pflag & _SUBALLOC) and dl < 14):
                 stats[6] += 1
                 status = N.STATUS_FAIL
-            if n2 > n:
-                n = n2
-                cursor = (cursor + cnt + 63) & ~63
+                frag = False
+                continue
+            if pflag & _SUBALLOC and not (pflag & _FIRST):
+                if not frag or cursor + flen + dl > data.shape[0]:
+                    stats[6] += 1             # a fragment out of its chain
+                    status = N.STATUS_FAIL
+                    frag = False
+                    continue
+                copy_bytes(data, cursor + flen, mem, ds, dl)
+                flen += dl
+            else:
+                if frag:
+                    stats[6] += 1             # a chain left without its last fragment
+                    status = N.STATUS_FAIL
+                copy_bytes(data, cursor, mem, ds, dl)
+                flen = dl
+                ffl = fl
+                ftci = tci
+                frag = (pflag & _SUBALLOC) != 0
+            if frag and not (pflag & _LAST):
+                continue
+            frag = False
+            if flen < 14:
+                stats[6] += 1
+                status = N.STATUS_FAIL
+                continue
+            if n >= cap:
+                stats[7] += 1                 # more frames than the batch has slots
+                status = N.STATUS_FAIL
+                continue
+            init_packet(meta, n, cursor, flen, 0, 0)
+            meta[FLAGS, n] |= ffl
+            meta[TCI, n] = ftci
+            n += 1
+            cursor = (cursor + flen + 63) & ~63
+        if frag:
+            stats[6] += 1                     # RSC fragments straddling packets: dropped
+            status = N.STATUS_FAIL
         if desc[RG.D_FLAGS] & P.VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED:
             comp[ncomp, 0] = desc[RG.D_TRANS_ID]
             comp[ncomp, 1] = status
@@ -260,37 +297,39 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
 
 
 @helper
-def _rndis_rx(data, s, L, meta, n):
-    """One RNDIS_PACKET_MSG from the host at data[s:s+L] as batch slot n."""
-    if L < _HDR:
-        return n, False
-    mlen = le32(data, s + 4)
-    if le32(data, s) != R.MSG_PACKET or mlen < _HDR or mlen > L:
-        return n, False
-    doff = le32(data, s + R.OFF_PKT_DATA_OFFSET)
-    dlen = le32(data, s + R.OFF_PKT_DATA_LEN)
-    poff = le32(data, s + R.OFF_PKT_PPI_OFFSET)
-    plen = le32(data, s + R.OFF_PKT_PPI_LEN)
+def _rx_parse(mem, s, L):
+    """One RNDIS_PACKET_MSG from the host at mem[s:s+L], validated in place.
+    Returns (ok, data start, data length, flags, tci, RSC fragment flags)."""
+    if L < _HDR or s < 0 or s > mem.shape[0] - L:
+        return False, 0, 0, 0, 0, 0
+    mlen = le32(mem, s + 4)
+    if le32(mem, s) != R.MSG_PACKET or mlen < _HDR or mlen > L:
+        return False, 0, 0, 0, 0, 0
+    doff = le32(mem, s + R.OFF_PKT_DATA_OFFSET)
+    dlen = le32(mem, s + R.OFF_PKT_DATA_LEN)
+    poff = le32(mem, s + R.OFF_PKT_PPI_OFFSET)
+    plen = le32(mem, s + R.OFF_PKT_PPI_LEN)
     body = mlen - R.OFFSET_BASE
-    if doff < _HDR - R.OFFSET_BASE or dlen < 14 or doff > body or dlen > body - doff:
-        return n, False
+    if doff < _HDR - R.OFFSET_BASE or dlen < 1 or doff > body or dlen > body - doff:
+        return False, 0, 0, 0, 0, 0
     fl = 0
     tci = 0
+    pflag = 0
     if plen > 0:
         if poff < _HDR - R.OFFSET_BASE or poff > body or plen > body - poff:
-            return n, False
+            return False, 0, 0, 0, 0, 0
         q = 0
         while q < plen:
             e = s + R.OFFSET_BASE + poff + q
             if plen - q < R.PPI_HEADER_SIZE:
-                return n, False
-            size = le32(data, e)
-            ptype = le32(data, e + 4)
-            pofs = le32(data, e + 8)
+                return False, 0, 0, 0, 0, 0
+            size = le32(mem, e)
+            ptype = le32(mem, e + 4)
+            pofs = le32(mem, e + 8)
             if size < R.PPI_HEADER_SIZE or size > plen - q or pofs < R.PPI_HEADER_SIZE \
                     or pofs > size - 4:
-                return n, False
-            v = le32(data, e + pofs)
+                return False, 0, 0, 0, 0, 0
+            v = le32(mem, e + pofs)
             if ptype == R.PPI_TCPIP_CHKSUM:
                 if v & (R.CSUM_RX_TCP_SUCCEEDED | R.CSUM_RX_UDP_SUCCEEDED):
                     fl |= F_CSUM_VALID
@@ -299,8 +338,7 @@ def _rndis_rx(data, s, L, meta, n):
                 tci = ((v & R.VLAN_PRIORITY_MASK) << 13) | \
                     ((1 if v & R.VLAN_CFI else 0) << 12) | vid
                 fl |= F_VLAN
+            elif ptype == _PKTINFO:
+                pflag = (v >> 8) & 0xFF
             q += size
-    init_packet(meta, n, s + R.OFFSET_BASE + doff, dlen, 0, 0)
-    meta[FLAGS, n] |= fl
-    meta[TCI, n] = tci
-    return n + 1, True
+    return True, s + R.OFFSET_BASE + doff, dlen, fl, tci, pflag

@@ -96,7 +96,8 @@ class Driver:
         self.tx_gpa = nic.pages.alloc(TX_SLOTS * SLOT)
         self.tx = PacketBatch(TX_SLOTS, arena=TX_SLOTS * SLOT)
         self.tx.data = mem[self.tx_gpa:self.tx_gpa + TX_SLOTS * SLOT]
-        self.rx = PacketBatch(256, arena=4 << 20)
+        # room for a transfer-page packet's every range (Linux's NVSP_RSC_MAX, b.5)
+        self.rx = PacketBatch(576, arena=8 << 20)
         count = nic.send_section_count
         self.free = np.arange(count, dtype=np.int64)
         self.nfree = np.array([count], dtype=np.int64)
@@ -111,7 +112,7 @@ class Driver:
         self.rxstats = np.zeros(8, dtype=np.int64)
         self.gpa_done = np.zeros(1, dtype=np.int64)
         self.rs = np.zeros(2, dtype=np.int64)
-        self.plan = np.zeros((2, 256), dtype=np.int64)
+        self.plan = np.zeros((2, 576), dtype=np.int64)
         self.span = np.zeros((1, 2), dtype=np.int64)
         self.port_ids = np.zeros(1, dtype=np.int64)
         self.fds = np.array([tapfd], dtype=np.int64)

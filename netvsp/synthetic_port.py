@@ -20,6 +20,7 @@ from switch import counters as C
 from switch.portkind import PortKind
 
 from . import datapath as D
+from . import nvsp as N
 from .vmbus import ring as RG
 
 MAX_SEGMENTS = 128
@@ -51,6 +52,12 @@ class _ChannelData:
         self.rx = D.ReceiveBuffer(rb.gpa, rb.size, rb.sub_alloc_size, reserved=rb.data_first)
         sb = nc.send_buf
         self.sbuf = (sb.gpa, sb.size, sb.section_size) if sb is not None else (0, 0, 0)
+        # Receive coalescing toward the guest: Linux asks for it at NVSP 6.1 (d.5).
+        cfg = nc.ndis_config
+        self.rsc = nc.version is not None and nc.version >= N.VERSION_61 and \
+            cfg is not None and bool(cfg[1] & N.CAP_RSC)
+        self.smeta = None                 # made on first use, shaped like the batch's meta
+        self.pkt_id = np.zeros(1, dtype=np.int64)
 
 
 class SyntheticPorts(PortKind):
@@ -95,7 +102,8 @@ class SyntheticPorts(PortKind):
                         rx.gpa, rx.sub_size, *rx.arrays(), np.zeros((D.MAX_RANGES, 2),
                                                                       np.int64),
                         np.zeros(16, np.uint8), np.zeros(1024, np.uint8),
-                        np.zeros(4, np.int64), np.zeros(D.NSTATS, np.int64))
+                        np.zeros(4, np.int64), np.zeros(D.NSTATS, np.int64), True,
+                        np.zeros((b.meta.shape[0], 1 + 8), np.int64), np.zeros(1, np.int64))
 
     def fds(self) -> list[int]:
         return ([fd for dev in self.devices.values() for fd in dev.fds()]
@@ -185,10 +193,13 @@ class SyntheticPorts(PortKind):
                 ctr[pid, C.DROP_OUT_BASE + C.DEST_NOT_CONNECTED] += j1 - j0
                 continue
             base, ds = cd.out_ring
+            if cd.smeta is None or cd.smeta.shape[0] != batch.meta.shape[0]:
+                cd.smeta = np.zeros((batch.meta.shape[0], 1 + 8), dtype=np.int64)
             before = cd.stats.copy()
             sig = D.netvsp_egress(batch.meta, batch.data, plan, j0, j1, cd.mem, base, ds,
                                   cd.rx.gpa, cd.rx.sub_size, *cd.rx.arrays(), cd.ranges,
-                                  cd.nvsp, cd.scratch, cd.seglens, cd.stats)
+                                  cd.nvsp, cd.scratch, cd.seglens, cd.stats, cd.rsc,
+                                  cd.smeta, cd.pkt_id)
             lost = int((cd.stats[D.S_NO_BUFFER] + cd.stats[D.S_RING_FULL]
                         + cd.stats[D.S_TOO_BIG])
                        - (before[D.S_NO_BUFFER] + before[D.S_RING_FULL] + before[D.S_TOO_BIG]))

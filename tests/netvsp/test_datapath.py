@@ -236,7 +236,8 @@ def test_egress_into_the_receive_buffer_and_back_by_completion():
     sig = netvsp_egress(b.meta, b.data, plan, 0, 2, s.mem, OUT, 64 * 1024, rb.gpa, rb.sub_size,
                         rb.free, rb.nfree, rb.chain, rb.head, np.zeros((375, 2), np.int64),
                         np.zeros(16, np.uint8), np.zeros(1 << 17, np.uint8),
-                        np.zeros(128, np.int64), stats)
+                        np.zeros(128, np.int64), stats, False,
+                        np.zeros((b.meta.shape[0], 9), np.int64), np.zeros(1, np.int64))
     nseg = -(-(len(big) - 54) // 1000)
     assert sig == 1 and stats[S_DELIVERED] == 1 + nseg and stats[S_SEGMENTED] == 1
     assert rb.nfree[0] == 200 - 1 - nseg

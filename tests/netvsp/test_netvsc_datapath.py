@@ -133,7 +133,7 @@ def test_host_egress_to_guest_receive_round_trip():
     netvsp_egress(h.meta, h.data, plan, 0, 5, mem, out, RDS, rb.gpa, rb.sub_size, rb.free,
                   rb.nfree, rb.chain, rb.head, np.zeros((375, 2), np.int64),
                   np.zeros(16, np.uint8), np.zeros(1 << 17, np.uint8), np.zeros(64, np.int64),
-                  stats)
+                  stats, False, np.zeros((h.meta.shape[0], 9), np.int64), np.zeros(1, np.int64))
     g = PacketBatch(16, arena=1 << 18)
     rs = np.array([RG.ring_read_pos(mem, out, RDS), 0], dtype=np.int64)
     comp = np.zeros((8, 2), dtype=np.int64)
@@ -148,3 +148,49 @@ def test_host_egress_to_guest_receive_round_trip():
     assert g.meta[FLAGS, 0] & F_CSUM_VALID and not g.meta[FLAGS, 1] & F_CSUM_VALID
     assert g.meta[FLAGS, 3] & F_VLAN and g.meta[TCI, 3] == (3 << 13) | 10
     assert comp[0, 1] == 1                      # completed as SUCCESS
+
+
+def test_rsc_super_packet_arrives_whole_with_its_checksums_finished():
+    """NVSP 6.1 receive coalescing: a TCP super-packet crosses as RSC fragments of
+    one transfer-page packet and the guest reassembles it into one frame whose IP
+    length and TCP checksum are those of one big segment."""
+    from scapy.all import IP as SIP, TCP as STCP, Ether as SEther
+    from netvsp.datapath import NSTATS, S_COALESCED, netvsp_egress
+    from netvsp.netvsc_datapath import RX_OK, netvsc_receive
+    from switch.parse import parse_batch
+    mem = np.zeros(RAM, dtype=np.uint8)
+    out = RING + 4096 + RDS
+    RG.Ring(mem, out, RDS).init()
+    rb = ReceiveBuffer(0x500000, 200 * 1806, 1806)
+    h = PacketBatch(4, arena=1 << 18)
+    payload = bytes((k * 13) & 0xFF for k in range(40000))
+    big = raw(SEther(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+              / SIP(src="10.0.0.1", dst="10.0.0.2") / STCP(sport=7, dport=8) / payload)
+    put(h, 0, big, 0, FLAGS=F_CSUM_PARTIAL, CSUM_START=34, CSUM_OFF=16, GSO_TYPE=GSO_TCPV4,
+        GSO_SIZE=1448)
+    parse_batch(h.meta, h.data, 0, 1)
+    plan = np.array([[0], [2]], dtype=np.int64)
+    stats = np.zeros(NSTATS, dtype=np.int64)
+    netvsp_egress(h.meta, h.data, plan, 0, 1, mem, out, RDS, rb.gpa, rb.sub_size, rb.free,
+                  rb.nfree, rb.chain, rb.head, np.zeros((375, 2), np.int64),
+                  np.zeros(16, np.uint8), np.zeros(1 << 17, np.uint8), np.zeros(64, np.int64),
+                  stats, True, np.zeros((h.meta.shape[0], 9), np.int64),
+                  np.zeros(1, np.int64))
+    assert stats[S_COALESCED] == 1 and rb.nfree[0] < 200 - 20       # many fragments
+    g = PacketBatch(16, arena=1 << 18)
+    rs = np.array([RG.ring_read_pos(mem, out, RDS), 0], dtype=np.int64)
+    comp = np.zeros((8, 2), dtype=np.int64)
+    gst = np.zeros(8, dtype=np.int64)
+    n, _, ncomp, why = netvsc_receive(mem, out, RDS, rs, np.zeros(RG.DESC_FIELDS, np.int64),
+                                      np.zeros((562, 2), np.int64), rb.gpa, 200 * 1806,
+                                      g.meta, g.data, 0, 0, comp, 0, gst,
+                                      np.zeros(8, np.uint8))
+    assert (n, ncomp, why) == (1, 1, RX_OK) and not gst.any(), (gst.tolist(), comp[0].tolist())
+    got = bytes(g.data[g.meta[OFF, 0]:g.meta[OFF, 0] + g.meta[LEN, 0]])
+    assert len(got) == len(big) and got[54:] == payload
+    pkt = SEther(got)
+    assert pkt[SIP].len == len(big) - 14
+    want = SEther(raw(pkt.__class__(got)))
+    del want[SIP].chksum, want[STCP].chksum
+    want = SEther(raw(want))
+    assert pkt[STCP].chksum == want[STCP].chksum and pkt[SIP].chksum == want[SIP].chksum

@@ -22,7 +22,6 @@ given, and ends them by pid; every peer deletes only the namespaces it recorded.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import itertools
@@ -32,7 +31,6 @@ import random
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -465,31 +463,3 @@ def table(result: dict):
             row.append(cell)
         t.add_row(*row)
     return t
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hvnet.e2e``: compare the veth and bridge peers and print the table."""
-    ap = argparse.ArgumentParser(prog="python -m hvnet.e2e", description=main.__doc__)
-    ap.add_argument("--tests", default="tcp1,tcp4,udp64", help="comma-separated (tcpN, udpN, ping)")
-    ap.add_argument("--seconds", type=float, default=5)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--prefix", help="namespace prefix (default e<pid>)")
-    ap.add_argument("--json", metavar="FILE", help="also write the full result here")
-    args = ap.parse_args(argv)
-    from rich.console import Console
-    err = Console(stderr=True)
-    res = compare([veth_peer, bridge_peer], tests=tuple(args.tests.split(",")),
-                  seconds=args.seconds, repeats=args.repeats, prefix=args.prefix,
-                  progress=lambda line: err.print(f"[dim]{line}[/dim]"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    Console().print(table(res))
-    for key in res["paths"]:
-        for e in res["results"][key]["errors"]:
-            err.print(f"[red]{key}: {e}[/red]")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,6 @@ removed by ``hvnet clean``.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import threading
 import time
@@ -69,14 +68,19 @@ def host_mac(topology: str, key: str) -> str:
     return "02:48:56:" + ":".join(f"{b:02x}" for b in h[:3])
 
 
-class TapNic:
-    """NIC kind ``tap``: the VM's tap device is the switch port itself."""
+class VmNic:
+    """What every NIC provider knows of its NIC: the VM's namespace, the tap
+    ``eth<k>`` there, and the switch port's name."""
 
     def __init__(self, rt: "Runtime", nic: Nic):
         self.rt, self.nic = rt, nic
         self.ns = rt.nn.name(nic.vm)
         self.ifname = f"eth{nic.index}"
         self.port_name = f"{nic.vm}.{self.ifname}"
+
+
+class TapNic(VmNic):
+    """NIC kind ``tap``: the VM's tap device is the switch port itself."""
 
     def attach(self):
         rt, ps = self.rt, self.nic.port
@@ -85,17 +89,11 @@ class TapNic:
                                self.ifname, ps)
 
 
-class SyntheticNic:
+class SyntheticNic(VmNic):
     """NIC kind ``synthetic``: a partition (guest RAM, the SynIC message port, a
     VMBus server) with a NetVSP device on the host, and the NetVSC driver process
     in the VM's namespace owning its tap (netvsp.netvsc_driver)."""
     RAM = 64 << 20
-
-    def __init__(self, rt: "Runtime", nic: Nic):
-        self.rt, self.nic = rt, nic
-        self.ns = rt.nn.name(nic.vm)
-        self.ifname = f"eth{nic.index}"
-        self.port_name = f"{nic.vm}.{self.ifname}"
 
     def attach(self):
         import subprocess
@@ -540,22 +538,3 @@ class Runtime:
         if p is not None and p.mac is not None:
             return mac_to_str(p.mac)
         return "-"
-
-    def addresses(self) -> dict[str, list[str]]:
-        """Machine -> its IP addresses from the file (for tables and the demo)."""
-        out: dict[str, list[str]] = {}
-        for vm, nics in self.topo.vms.items():
-            out[vm] = [a for n in nics for a in n.port.addresses]
-        for h in self.topo.host:
-            out.setdefault(h.namespace, []).extend(h.port.addresses)
-        for p in self.topo.physical.values():
-            out[p.name] = list(p.addresses)
-        return out
-
-
-def first_ipv4(addrs: list[str]) -> str | None:
-    for a in addrs:
-        i = ipaddress.ip_interface(a)
-        if i.version == 4:
-            return str(i.ip)
-    return None

@@ -38,8 +38,8 @@ from .vmbus import ring as RG
 # Why ingress stopped (non-negative; ring errors are the ring's negative codes).
 DRAINED, BATCH_FULL, CONTROL = 0, 1, 2
 # bad[] slots
-BAD_NVSP, BAD_SECTION, BAD_GPA, BAD_RNDIS, BAD_PPI = 0, 1, 2, 3, 4
-NBAD = 5
+BAD_SECTION, BAD_GPA, BAD_RNDIS, BAD_PPI = 0, 1, 2, 3
+NBAD = 4
 MAX_PIECES = 64            # GPA pieces of one packet (Linux: 32 page buffers, f.3)
 # comp[] columns: transaction id, NVSP status
 C_ID, C_STATUS = 0, 1
@@ -358,6 +358,35 @@ def _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats):
     return True, RG.ring_write_commit(mem, wbase, wds, p, end)
 
 
+@helper
+def _lend(mem, rbuf_gpa, sub_size, meta, i, d, src, soff, sl, csum_ok, pflag, pid,
+          free_subs, nfree, chain, ranges, nr, first, last):
+    """One RNDIS message in the next free sub-allocation, added to the transfer-page
+    packet being built (its range, and its link in the packet's chain). The
+    caller checked there is a free one. Returns (nr, first, last)."""
+    nfree[0] -= 1
+    sub = free_subs[nfree[0]]
+    ranges[nr, 0] = _rx_message(mem, rbuf_gpa + sub * sub_size, meta, i, d, src, soff, sl,
+                                csum_ok, pflag, pid)
+    ranges[nr, 1] = sub * sub_size
+    chain[sub] = -1
+    if last >= 0:
+        chain[last] = sub
+    else:
+        first = sub
+    return nr + 1, first, sub
+
+
+@helper
+def _send(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats, free_subs, nfree):
+    """Send the transfer-page packet built so far; if it cannot go, its
+    sub-allocations return to the free stack. Returns whether to interrupt."""
+    ok, sg = _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats)
+    if not ok:
+        _release(first, free_subs, nfree, chain)
+    return sg
+
+
 @kernel
 def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
                   free_subs, nfree, chain, head, ranges, nvsp, scratch, seglens, stats,
@@ -406,10 +435,8 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
                 continue
             if nr + nfrag > MAX_RANGES:
                 # the fragments of one packet travel in one transfer-page packet
-                ok, sg = _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats)
-                if not ok:
-                    _release(first, free_subs, nfree, chain)
-                sig |= sg
+                sig |= _send(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats,
+                             free_subs, nfree)
                 nr = 0
                 first = -1
                 last = -1
@@ -419,20 +446,10 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
             for k in range(nfrag):
                 sl = min(room, total - off)
                 pflag = _SUBALLOC | (_FIRST if k == 0 else 0) | (_LAST if k == nfrag - 1 else 0)
-                nfree[0] -= 1
-                sub = free_subs[nfree[0]]
-                m = _rx_message(mem, rbuf_gpa + sub * sub_size, meta, i, d, scratch, off, sl,
-                                True, pflag, pid)
+                nr, first, last = _lend(mem, rbuf_gpa, sub_size, meta, i, d, scratch, off, sl,
+                                        True, pflag, pid, free_subs, nfree, chain, ranges, nr,
+                                        first, last)
                 off += sl
-                ranges[nr, 0] = m
-                ranges[nr, 1] = sub * sub_size
-                chain[sub] = -1
-                if last >= 0:
-                    chain[last] = sub
-                else:
-                    first = sub
-                last = sub
-                nr += 1
             stats[S_COALESCED] += 1
             continue
         # A partial checksum is finished here (segment() does it for one frame too):
@@ -454,33 +471,19 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
             if nfree[0] == 0:
                 stats[S_NO_BUFFER] += nseg - k
                 break
-            nfree[0] -= 1
-            s = free_subs[nfree[0]]
-            at = rbuf_gpa + s * sub_size
-            m = _rx_message(mem, at, meta, i, d, src, soff, sl, csum_ok, 0, 0)
+            nr, first, last = _lend(mem, rbuf_gpa, sub_size, meta, i, d, src, soff, sl,
+                                    csum_ok, 0, 0, free_subs, nfree, chain, ranges, nr,
+                                    first, last)
             soff += sl
-            ranges[nr, 0] = m
-            ranges[nr, 1] = s * sub_size
-            chain[s] = -1
-            if last >= 0:
-                chain[last] = s
-            else:
-                first = s
-            last = s
-            nr += 1
             if nr == MAX_RANGES:
-                ok, sg = _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats)
-                if not ok:
-                    _release(first, free_subs, nfree, chain)
-                sig |= sg
+                sig |= _send(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats,
+                             free_subs, nfree)
                 nr = 0
                 first = -1
                 last = -1
     if nr:
-        ok, sg = _flush(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats)
-        if not ok:
-            _release(first, free_subs, nfree, chain)
-        sig |= sg
+        sig |= _send(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats,
+                     free_subs, nfree)
     return sig
 
 

@@ -271,6 +271,14 @@ def cmd_stats(a) -> int:
             for side in ("drops_in", "drops_out"):
                 for reason, n in p[side].items():
                     out.print(f"  {name} {side.replace('_', ' ')}: {n} x {reason}")
+            nic = p.get("nic")
+            if nic:
+                out.print(f"  {name} NIC: channel {nic['channel']}, NVSP {nic['nvsp'] or '-'}, "
+                          f"RNDIS {nic['rndis'] or '-'}, link {nic['link']}"
+                          + (f", last closed: {nic['last_close']}" if nic["last_close"] else ""))
+                for what in ("dropped", "violations"):
+                    for reason, n in nic[what].items():
+                        out.print(f"  {name} NIC {what}: {n} x {reason}")
     return 0
 
 
@@ -324,6 +332,11 @@ def cmd_set(a) -> int:
         raise CliError(f"expected KEY=VALUE (vlan=..., acl=..., security=...), got "
                        f"{a.setting!r}", 2)
     print(_call(run, "set", port=a.port, key=key.strip(), value=value))
+    return 0
+
+
+def cmd_link(a) -> int:
+    print(_call(_run_of(a.topology), "link", port=a.port, state=a.state))
     return 0
 
 
@@ -490,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("setting", help="vlan=YAML | acl=YAML | security=YAML; =none deletes; "
                    "e.g. 'vlan={mode: access, id: 20}'")
     s.set_defaults(func=cmd_set)
+
+    s = sub.add_parser("link", help="connect or disconnect a NIC's link (the guest sees "
+                       "a media indication, its carrier follows)")
+    topo_opt(s)
+    s.add_argument("port", help="port name, as 'hvnet stats' shows it (a VM NIC or host vNIC)")
+    s.add_argument("state", choices=["up", "down"])
+    s.set_defaults(func=cmd_link)
 
     s = sub.add_parser("vm", help="add or remove a VM at run time")
     topo_opt(s)

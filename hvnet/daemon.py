@@ -34,6 +34,11 @@ def handlers(rt: Runtime, stop: threading.Event) -> dict:
     def set_(port: str, key: str, value: str):
         return rt.set_property(port, key, parse_port_setting(key, value, f"hvnet set {port}"))
 
+    def link(port: str, state: str):
+        if state not in ("up", "down"):
+            raise ValueError(f"hvnet link {port}: state must be up or down, not {state!r}")
+        return rt.set_link(port, state == "up")
+
     def add_vm(vm: str, spec: str):
         nics = parse_vm(rt.topo, vm, spec, f"vm {vm}")
         return {"ports": rt.add_vm(vm, nics), "namespace": rt.nn.name(vm)}
@@ -46,6 +51,7 @@ def handlers(rt: Runtime, stop: threading.Event) -> dict:
         "status": rt.status,
         "stats": lambda port=None: rt.stats(port),
         "set": set_,
+        "link": link,
         "add_vm": add_vm,
         "remove_vm": lambda vm: rt.remove_vm(vm),
         "capture_start": lambda port, path: {"id": rt.capture_start(port, path)},

@@ -190,6 +190,7 @@ class Runtime:
         self.port_ns: dict[str, tuple] = {}          # port name -> (namespace, ifname)
         self.nics: dict[str, list] = {}               # vm -> providers
         self.captures: dict[int, PortCapture] = {}
+        self.links_down: set[str] = set()
         self._next_capture = 1
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -377,6 +378,7 @@ class Runtime:
             with sw._dp_lock:
                 sw.remove_port(name)
             del self.port_switch[name], self.port_ns[name]
+            self.links_down.discard(name)
             removed.append(name)
         del self.topo.vms[vm]
         full = self.nn.name(vm)
@@ -473,6 +475,30 @@ class Runtime:
                                 f"({status.name})")
         return f"{port_name}: {key} {'deleted' if prop is None else 'set'}"
 
+    def set_link(self, port_name: str, up: bool) -> str:
+        """Connect or disconnect a port's cable as its NIC sees it: a synthetic NIC
+        gets an RNDIS media indication (e.8) and its driver turns the guest tap's
+        carrier on or off; a tap port (kind ``tap``, a host vNIC) has its carrier
+        set directly. Frames still cross the switch; the guest's stack stops
+        sending while its carrier is off."""
+        from switch.tap import set_carrier
+        sw, port = self._find_port(port_name)
+        prov = next((p for provs in self.nics.values() for p in provs
+                     if p.port_name == port_name), None)
+        with sw._dp_lock:           # the indication shares the guest's ring with egress
+            if isinstance(prov, SyntheticNic):
+                prov.device.indicate_link(up)
+            elif port.port_id in self.taps[sw.name]._fd_of:
+                set_carrier(self.taps[sw.name]._fd_of[port.port_id], up)
+            else:
+                raise RuntimeError_(f"{port_name}: a {port.type.name.lower()} port on "
+                                    "an uplink has no link this switch controls")
+        if up:
+            self.links_down.discard(port_name)
+        else:
+            self.links_down.add(port_name)
+        return f"{port_name}: link {'up' if up else 'down'}"
+
     def capture_start(self, port_name: str, path: str) -> int:
         sw, port = self._find_port(port_name)
         cap = PortCapture(path, port.port_id, port_name)
@@ -520,7 +546,8 @@ class Runtime:
             ns, ifname = self.port_ns[name]
             ports.append({"port": name, "switch": sw.name, "type": p.type.name.lower(),
                           "id": p.port_id, "namespace": ns or "(root)", "interface": ifname,
-                          "mac": self._mac_of(name)})
+                          "mac": self._mac_of(name),
+                          "link": "down" if name in self.links_down else "up"})
         return {"name": self.topo.name, "source": self.topo.source, "started": self.started,
                 "switches": {n: [e.name for e in sw.enabled_extensions()]
                              for n, sw in self.switches.items()},

@@ -82,6 +82,7 @@ class Netvsc:
         self._completions: dict[int, bytes] = {}
         self._rndis: dict[int, tuple[R.Control, bytes]] = {}   # req_id -> reply, its bytes
         self.indications: list[int] = []
+        self.on_link = None               # called with the new state on an indication
         self.host_inband: list[bytes] = []
         self._desc = np.zeros(RG.DESC_FIELDS, dtype=np.int64)
         self._ranges = np.zeros((MAX_XFER_RANGES, 2), dtype=np.int64)
@@ -207,6 +208,10 @@ class Netvsc:
             self.link.connected = True
         elif status == R.STATUS_MEDIA_DISCONNECT:
             self.link.connected = False
+        else:
+            return
+        if self.on_link is not None:
+            self.on_link(self.link.connected)
 
     def poll(self, wait: float = 0.0) -> int:
         """Handle what the host sent; wait up to ``wait`` seconds for an interrupt."""

@@ -34,7 +34,7 @@ from switch.batch import (CSUM_OFF, CSUM_START, D_TAGGED, F_CSUM_PARTIAL, F_CSUM
                           FLAGS, GSO_SIZE, GSO_TYPE, ROW_PAD, TCI, PacketBatch, init_packet)
 from switch.kernel import kernel
 from switch.syscalls import read
-from switch.tap import VNET_HDR, open_tap, tap_transmit
+from switch.tap import VNET_HDR, open_tap, set_carrier, tap_transmit
 
 from . import datapath as D
 from .netvsc import Netvsc
@@ -242,6 +242,11 @@ def main(argv=None) -> int:
                  recv_sections=int(msg.get("recv_sections", 2048)), timeout=60)
     link = nic.bring_up()
     tapfd = open_tap(a.ifname)
+    # The tap's carrier follows the host's link indications (e.8), as Linux's
+    # netvsc turns its netdev's carrier on and off.
+    set_carrier(tapfd, link.connected)
+    nic.on_link = lambda up: (set_carrier(tapfd, up),
+                              log.info("link %s", "up" if up else "down"))
     driver = Driver(ram, nic, tapfd)
     driver.warm()
     ctl.send({"type": "up", "mac": link.mac.hex(), "mtu": link.mtu,

@@ -1050,6 +1050,7 @@ class NetvspDevice:
         self.channels: dict[int, NetvspChannel] = {}
         self.violations: collections.Counter = collections.Counter()
         self.dropped: collections.Counter = collections.Counter()
+        self.last_close: str | None = None        # why the last channel was closed
         self.lock = threading.RLock()
         self.instance = instance or uuid.uuid5(M.NETVSC_GUID, mac_bytes.hex())
         self.offer = server.offer(M.NETVSC_GUID, self.instance, self)
@@ -1088,6 +1089,7 @@ class NetvspDevice:
                     nc._violation("buffer GPADL torn down while in use", f"{handle:#x}")
 
     def _close_channel(self, nc: NetvspChannel, key: str) -> None:
+        self.last_close = key
         self.channels.pop(nc.relid, None)
         self.server.close_channel(nc.ch, f"NetVSP: {key}")
 

@@ -47,6 +47,9 @@ VERSION_INVALID = 0xFFFFFFFF
 
 # The order Linux tries them in, highest first (d.5 step 2).
 LINUX_VERSIONS = (VERSION_61, VERSION_6, VERSION_5, VERSION_4, VERSION_2, VERSION_1)
+# NVSP version numbers as Linux's names say them (NVSP_PROTOCOL_VERSION_*).
+VERSION_NAMES = {VERSION_61: "6.1", VERSION_6: "6", VERSION_5: "5", VERSION_4: "4",
+                 VERSION_2: "2", VERSION_1: "1"}
 
 # NDIS versions sent in SEND_NDIS_VER (d.5 step 3), as major << 16 | minor.
 NDIS_VERSION_6_1 = 0x00060001

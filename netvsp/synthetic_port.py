@@ -27,10 +27,19 @@ MAX_SEGMENTS = 128
 CONTROL_STEPS = 64          # control packets handled per channel per receive
 
 
-class _ChannelData:
-    """The data path's arrays for one open channel."""
+# What the data path's counters mean (datapath.BAD_*, datapath.S_*), for stats.
+BAD_NAMES = {D.BAD_SECTION: "bad send-buffer section", D.BAD_GPA: "bad GPA-direct range",
+             D.BAD_RNDIS: "malformed RNDIS packet", D.BAD_PPI: "malformed per-packet info"}
+TO_GUEST_NAMES = {D.S_DELIVERED: "delivered", D.S_NO_BUFFER: "no receive buffer",
+                  D.S_RING_FULL: "ring full", D.S_TOO_BIG: "too big",
+                  D.S_SEGMENTED: "segmented", D.S_COALESCED: "coalesced"}
 
-    def __init__(self, nc):
+
+class _ChannelData:
+    """The data path's arrays for one open channel; its counters are the port's,
+    so they outlive the channel."""
+
+    def __init__(self, nc, bad, stats):
         self.nc = nc
         mem = nc.device.memory.mem
         self.mem = mem
@@ -42,8 +51,8 @@ class _ChannelData:
         self.nvsp = np.zeros(16, dtype=np.uint8)
         self.comp = np.zeros((512, 2), dtype=np.int64)
         self.ncomp = 0
-        self.bad = np.zeros(D.NBAD, dtype=np.int64)
-        self.stats = np.zeros(D.NSTATS, dtype=np.int64)
+        self.bad = bad
+        self.stats = stats
         self.msg = np.zeros(8, dtype=np.uint8)
         self.ranges = np.zeros((D.MAX_RANGES, 2), dtype=np.int64)
         self.scratch = np.zeros(65536 + MAX_SEGMENTS * 256, dtype=np.uint8)
@@ -68,6 +77,8 @@ class SyntheticPorts(PortKind):
         self.devices: dict[int, object] = {}      # port id -> NetvspDevice
         self.servers: dict[int, object] = {}      # port id -> its partition's VmbusServer
         self._data: dict[int, _ChannelData] = {}   # port id -> the open channel's arrays
+        self._bad: dict[int, np.ndarray] = {}      # port id -> data-path drops (D.BAD_*)
+        self._stats: dict[int, np.ndarray] = {}    # port id -> toward the guest (D.S_*)
 
     def attach(self, port, device, server=None) -> None:
         """Serve ``port`` with ``device``; ``server``, if given, is pumped here too
@@ -75,6 +86,8 @@ class SyntheticPorts(PortKind):
         self.devices[port.port_id] = device
         if server is not None:
             self.servers[port.port_id] = server
+        self._bad[port.port_id] = np.zeros(D.NBAD, dtype=np.int64)
+        self._stats[port.port_id] = np.zeros(D.NSTATS, dtype=np.int64)
         self.port_added(port)
 
     def port_removed(self, port) -> None:
@@ -82,6 +95,29 @@ class SyntheticPorts(PortKind):
         self.devices.pop(port.port_id, None)
         self.servers.pop(port.port_id, None)
         self._data.pop(port.port_id, None)
+        self._bad.pop(port.port_id, None)
+        self._stats.pop(port.port_id, None)
+
+    def port_info(self, port_id: int) -> dict | None:
+        dev = self.devices.get(port_id)
+        if dev is None:
+            return None
+        with dev.lock:
+            nc = dev.channel
+            dropped = dict(dev.dropped)
+            violations = dict(dev.violations)
+            chan = ("none" if nc is None else "closed" if nc.closed else nc.state)
+            version = None if nc is None or nc.version is None else \
+                N.VERSION_NAMES.get(nc.version, hex(nc.version))
+            rndis = None if nc is None else nc.rndis_state
+        for k, name in BAD_NAMES.items():
+            if self._bad[port_id][k]:
+                dropped[name] = dropped.get(name, 0) + int(self._bad[port_id][k])
+        return {"kind": "netvsp", "channel": chan, "nvsp": version, "rndis": rndis,
+                "link": "up" if dev.link_up else "down", "last_close": dev.last_close,
+                "dropped": dropped, "violations": violations,
+                "to_guest": {name: int(self._stats[port_id][k])
+                             for k, name in TO_GUEST_NAMES.items()}}
 
     def warm(self) -> None:
         """Every data-path kernel once, over an empty ring in scratch memory (the
@@ -123,7 +159,7 @@ class SyntheticPorts(PortKind):
         if nc.state != "ready" or nc.recv_buf is None or nc.recv_buf.gpa is None or \
                 (nc.send_buf is not None and nc.send_buf.gpa is None):
             return None
-        cd = _ChannelData(nc)
+        cd = _ChannelData(nc, self._bad[pid], self._stats[pid])
         self._data[pid] = cd
         return cd
 

@@ -35,6 +35,11 @@ class PortKind:
         empty if it cannot be waited on (then the switch polls it)."""
         return []
 
+    def port_info(self, port_id: int) -> dict | None:
+        """What the kind knows of one port beyond the switch's counters (the NIC's
+        state and its own drop reasons), for ``Switch.stats``; None if nothing."""
+        return None
+
     def warm(self) -> None:
         """Compile (or load) kernels the kind runs only once traffic flows, so the
         first packets do not wait for numba (Switch.warm calls it)."""

@@ -913,6 +913,9 @@ class Switch:
             d = self.counters.port_dict(p.port_id)
             d.update(id=p.port_id, type=p.type.name.lower(), state=p.state.name.lower(),
                      nics={i: n.state.name.lower() for i, n in p.nics.items()})
+            info = p.provider.port_info(p.port_id) if p.provider is not None else None
+            if info:
+                d["nic"] = info
             ports[p.name] = d
         default = self.counters.port_dict(DEFAULT_PORT_ID)
         return {"switch": self.name, "ports": ports, "default_port": default,

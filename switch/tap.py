@@ -32,6 +32,7 @@ from .syscalls import read, writev
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETCARRIER = 0x400454E2          # _IOW('T', 226, int), Linux 4.19+
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -55,6 +56,12 @@ def open_tap(ifname: str, offloads: bool = True) -> int:
         os.close(fd)
         raise OSError(e.errno, f"cannot attach to tap {ifname!r}: {e.strerror}") from None
     return fd
+
+
+def set_carrier(fd: int, up: bool) -> None:
+    """Turn the tap's carrier on or off (what a NIC driver's netif_carrier_on/off
+    does): with it off the guest's stack marks the link NO-CARRIER and stops sending."""
+    fcntl.ioctl(fd, TUNSETCARRIER, struct.pack("i", 1 if up else 0))
 
 
 @kernel

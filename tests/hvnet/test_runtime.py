@@ -24,6 +24,8 @@ from scapy.all import ICMP, IP, rdpcap
 
 from hvnet import nsexec
 
+from .nsutil import RECEIVER, SENDER, hvnet, ours
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
 NAME = f"r{os.getpid() % 10000}"
@@ -44,44 +46,6 @@ host:
 physical:
   nas: {{switch: sw0, mac: "02:00:00:88:00:fe", addresses: [10.88.0.2/24, "fd88::2/64"]}}
 """
-RECEIVER = """
-import hashlib, socket, sys
-s = socket.create_server((sys.argv[1], int(sys.argv[2])), family=socket.AF_INET)
-print("listening", flush=True)
-c, _ = s.accept()
-h, n = hashlib.sha256(), 0
-while True:
-    b = c.recv(1 << 20)
-    if not b:
-        break
-    h.update(b); n += len(b)
-print(n, h.hexdigest())
-"""
-SENDER = """
-import hashlib, random, socket, sys
-blk = random.Random(7).randbytes(1 << 20)
-h = hashlib.sha256()
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-for k in range(int(sys.argv[3])):
-    b = blk[k:] + blk[:k]            # every MiB different
-    c.sendall(b); h.update(b)
-c.close()
-print((int(sys.argv[3]) << 20), h.hexdigest())
-"""
-
-
-def hvnet(env, *args, timeout=120, check=False):
-    r = subprocess.run([sys.executable, "-m", "hvnet.cli", *args], capture_output=True,
-                       text=True, timeout=timeout, env={**env, "COLUMNS": "200"})
-    if check:
-        assert r.returncode == 0, f"hvnet {' '.join(args)}: {r.stderr}"
-    return r
-
-
-def ours(prefix):
-    return sorted(n for n in netns.listnetns() if n.startswith(prefix + "-"))
-
-
 @pytest.fixture(scope="module")
 def topo(tmp_path_factory):
     d = tmp_path_factory.mktemp("rt")
@@ -417,64 +381,5 @@ def test_rootless_run_lives_in_its_own_user_namespace(tmp_path):
         os.kill(info["pid"], signal.SIGKILL)
         hvnet(env, "clean", check=True)
         assert not (tmp_path / "state" / name).exists()
-    finally:
-        hvnet(env, "clean", "--force")
-
-
-# ---------------------------------------------------------------- synthetic NICs
-SYN = """
-name: {name}
-switches: {{sw0: {{}}}}
-vms:
-  va: {{nics: [{{switch: sw0, kind: synthetic, mac: "02:00:00:99:00:01",
-                addresses: [10.99.0.1/24, "fd99::1/64"]}}]}}
-  vb: {{nics: [{{switch: sw0, kind: synthetic, mac: "02:00:00:99:00:02",
-                addresses: [10.99.0.2/24, "fd99::2/64"]}}]}}
-"""
-
-
-def test_two_synthetic_vms_talk_through_netvsc_and_netvsp(tmp_path):
-    """The synthetic NIC end to end: each VM's NetVSC driver process brings the
-    NIC up over VMBus (Linux's sequence) and moves its tap's frames through the
-    rings; NetVSP on the host switches them. Ping both ways (IPv4, IPv6), a TCP
-    transfer checked at the far end; kill -9 then clean also ends the drivers."""
-    name = f"s{os.getpid() % 10000}"
-    env = {**os.environ, "HVNET_STATE_DIR": str(tmp_path / "state")}
-    f = tmp_path / "s.yaml"
-    f.write_text(SYN.format(name=name))
-    try:
-        hvnet(env, "up", str(f), check=True, timeout=300)
-        run = tmp_path / "state" / name
-        procs = json.loads((run / "processes.json").read_text())
-        assert len(procs) == 2 and all("NetVSC driver" in p["what"] for p in procs)
-
-        def here(m):
-            return f"{name}-{m}"
-        for src, dst in (("va", "10.99.0.2"), ("vb", "10.99.0.1"), ("va", "fd99::2")):
-            r = nsexec.run(here(src), ["ping", "-c", "3", "-i", "0.2", "-W", "2", dst],
-                           timeout=60)
-            assert r.returncode == 0, r.stdout
-        rx = nsexec.popen(here("vb"), [sys.executable, "-c", RECEIVER, "10.99.0.2", "5321"],
-                          stdout=subprocess.PIPE, text=True)
-        try:
-            assert rx.stdout.readline().strip() == "listening"
-            tx = nsexec.run(here("va"), [sys.executable, "-c", SENDER, "10.99.0.2", "5321",
-                                         "16"], timeout=180)
-            assert tx.returncode == 0, tx.stderr
-            got, _ = rx.communicate(timeout=120)
-            assert tx.stdout.split() == got.split()
-        finally:
-            nsexec.stop(rx)
-        st = json.loads(hvnet(env, "stats", "--json", check=True).stdout)["sw0"]["ports"]
-        assert st["va.eth0"]["rx_bytes"] / st["va.eth0"]["rx_packets"] > 3000   # LSO in
-        pid = json.loads((run / "daemon.json").read_text())["pid"]
-        os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-        r = hvnet(env, "clean", check=True)
-        assert r.stdout.count("killed NetVSC driver") == 2
-        assert not ours(name)
-        for p in procs:
-            assert not Path(f"/proc/{p['pid']}").exists() or "Z" in \
-                Path(f"/proc/{p['pid']}/stat").read_text().split(")")[1].split()[0]
     finally:
         hvnet(env, "clean", "--force")

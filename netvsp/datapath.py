@@ -26,7 +26,7 @@ import numpy as np
 from switch.byteorder import le32, put_le32
 from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAG_SHIFT, D_TAGGED, F_CSUM_PARTIAL,
                           F_CSUM_VALID, F_VLAN, FLAGS, GSO_SIZE, GSO_TCPV4, GSO_TCPV6, GSO_TYPE,
-                          LEN, OFF, ROW_PAD, TCI, copy_bytes, init_packet)
+                          L3OFF, LEN, OFF, ROW_PAD, TCI, copy_bytes, init_packet)
 from switch.gso import segment
 from switch.kernel import helper, kernel
 
@@ -396,10 +396,11 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
     MAX_RANGES of them per transfer-page packet on the host-to-guest ring. A
     super-packet that does not fit a sub-allocation is segmented first (gso.py),
     unless ``rsc`` (the guest negotiated receive coalescing, NVSP 6.1): then a TCP
-    super-packet goes whole, its headers and checksums made those of one big
-    segment (segment() with the whole payload as its MSS, into ``smeta``'s one
-    column), cut across consecutive sub-allocations as RSC fragments of one
-    transfer-page packet (RNDIS_PKTINFO_ID, e.5). Returns whether to interrupt
+    super-packet goes whole, cut across consecutive sub-allocations as RSC
+    fragments of one transfer-page packet (RNDIS_PKTINFO_ID, e.5) straight from
+    the batch; one without checksum offload or behind an inline tag is first
+    made one big segment with finished checksums (segment() with the whole
+    payload as its MSS, into ``smeta``'s one column). Returns whether to interrupt
     the guest."""
     put_le32(nvsp, 0, _MSG_RNDIS)
     put_le32(nvsp, 4, 0)
@@ -421,13 +422,26 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
         segmented = False
         gt = meta[GSO_TYPE, i] & 0x7F
         if rsc and RX_HDR + ln > sub_size and (gt == GSO_TCPV4 or gt == GSO_TCPV6):
-            for f in range(smeta.shape[0]):
-                smeta[f, 0] = meta[f, i]
-            smeta[GSO_SIZE, 0] = 65535
-            if segment(smeta, data, 0, d & ~D_TAGGED, scratch, seglens, 1) != 1:
-                stats[S_TOO_BIG] += 1
-                continue
-            total = seglens[0]
+            if csum_ok and meta[L3OFF, i] == 14:
+                # A super-packet from a Linux stack already is one big segment: its
+                # IP length covers it all and its TCP checksum field holds the
+                # pseudo-header sum (CHECKSUM_PARTIAL) or the full sum. It goes
+                # as it lies, told "checksum succeeded" as Linux's veth would
+                # hand a local receiver such a packet unverified; the guest's
+                # stack checks the IP lengths itself.
+                src = data
+                soff = meta[OFF, i]
+                total = ln
+            else:
+                for f in range(smeta.shape[0]):
+                    smeta[f, 0] = meta[f, i]
+                smeta[GSO_SIZE, 0] = 65535
+                if segment(smeta, data, 0, d & ~D_TAGGED, scratch, seglens, 1) != 1:
+                    stats[S_TOO_BIG] += 1
+                    continue
+                src = scratch
+                soff = 0
+                total = seglens[0]
             room = sub_size - RSC_ROOM_LESS
             nfrag = (total + room - 1) // room
             if nfrag > MAX_RANGES or nfrag > nfree[0]:
@@ -446,9 +460,9 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
             for k in range(nfrag):
                 sl = min(room, total - off)
                 pflag = _SUBALLOC | (_FIRST if k == 0 else 0) | (_LAST if k == nfrag - 1 else 0)
-                nr, first, last = _lend(mem, rbuf_gpa, sub_size, meta, i, d, scratch, off, sl,
-                                        True, pflag, pid, free_subs, nfree, chain, ranges, nr,
-                                        first, last)
+                nr, first, last = _lend(mem, rbuf_gpa, sub_size, meta, i, d, src, soff + off,
+                                        sl, True, pflag, pid, free_subs, nfree, chain, ranges,
+                                        nr, first, last)
                 off += sl
             stats[S_COALESCED] += 1
             continue

@@ -13,6 +13,7 @@ a send section, ``GPA_ID + slot`` for a GPA-direct frame (its batch slot).
 """
 from __future__ import annotations
 
+import numpy as np
 
 from switch.byteorder import le32, put_le32
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_CSUM_VALID, F_VLAN, FLAGS,
@@ -283,6 +284,8 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
             init_packet(meta, n, cursor, flen, 0, 0)
             meta[FLAGS, n] |= ffl
             meta[TCI, n] = ftci
+            if ffl & F_CSUM_VALID:
+                _verified_to_partial(meta, data, n)
             n += 1
             cursor = (cursor + flen + 63) & ~63
         if frag:
@@ -294,6 +297,70 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
             ncomp += 1
         rstate[0] = desc[RG.D_NEXT]
     return n, cursor, ncomp, RX_OK
+
+
+@helper
+def _sum_be16(buf, p, n):
+    s = 0
+    for k in range(0, n, 2):
+        s += (np.int64(buf[p + k]) << 8) | np.int64(buf[p + k + 1])
+    return s
+
+
+@helper
+def _verified_to_partial(meta, data, i):
+    """The host said "checksum succeeded" (e.5), which Linux's netvsc turns into
+    CHECKSUM_UNNECESSARY; a tap cannot be told that (tun ignores
+    VIRTIO_NET_HDR_F_DATA_VALID on writes), so the frame goes to the tap as a
+    partial checksum instead: the field gets the pseudo-header sum and the
+    virtio header says where the sum goes. Linux's stack takes a partial
+    checksum on receive unverified, like CHECKSUM_UNNECESSARY, and finishes it
+    right if the guest forwards the frame. Frames it cannot place (no plain
+    IPv4/IPv6 TCP or UDP right after the Ethernet header) stay as they are."""
+    off = meta[OFF, i]
+    ln = meta[LEN, i]
+    if ln < 42:
+        return
+    et = (np.int64(data[off + 12]) << 8) | np.int64(data[off + 13])
+    if et == 0x0800:
+        ihl = np.int64(data[off + 14] & 15) * 4
+        tot = (np.int64(data[off + 16]) << 8) | np.int64(data[off + 17])
+        frag = ((np.int64(data[off + 20]) << 8) | np.int64(data[off + 21])) & 0x3FFF
+        if ihl < 20 or frag != 0 or tot < ihl or 14 + tot > ln:
+            return
+        proto = np.int64(data[off + 23])
+        l4 = 14 + ihl
+        l4len = tot - ihl
+        s = _sum_be16(data, off + 26, 8)
+    elif et == 0x86DD:
+        if ln < 54:
+            return
+        proto = np.int64(data[off + 20])
+        l4 = 54
+        l4len = (np.int64(data[off + 18]) << 8) | np.int64(data[off + 19])
+        if 54 + l4len > ln:
+            return
+        s = _sum_be16(data, off + 22, 32)
+    else:
+        return
+    if proto == 6:
+        co = 16
+        if l4len < 20:
+            return
+    elif proto == 17:
+        co = 6
+        if l4len < 8 or (et == 0x0800 and data[off + l4 + 6] == 0 and data[off + l4 + 7] == 0):
+            return                 # an IPv4 UDP datagram without checksum: nothing to do
+    else:
+        return
+    s += proto + l4len
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    data[off + l4 + co] = (s >> 8) & 0xFF
+    data[off + l4 + co + 1] = s & 0xFF
+    meta[FLAGS, i] = (meta[FLAGS, i] & ~F_CSUM_VALID) | F_CSUM_PARTIAL
+    meta[CSUM_START, i] = l4
+    meta[CSUM_OFF, i] = co
 
 
 @helper

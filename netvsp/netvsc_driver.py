@@ -37,6 +37,7 @@ from switch.syscalls import read
 from switch.tap import VNET_HDR, open_tap, set_carrier, tap_transmit
 
 from . import datapath as D
+from . import nvsp as N
 from .netvsc import Netvsc
 from .netvsc_datapath import (HEADROOM, RX_CONTROL, RX_OK, netvsc_receive, netvsc_reclaim,
                               netvsc_transmit)
@@ -127,6 +128,8 @@ class Driver:
         ring in scratch memory, and the (still down) tap, so nothing is lost."""
         mem = np.zeros(1 << 16, dtype=np.uint8)
         RG.ring_init(mem, 0, 16384)
+        RG.ring_begin_read(mem, 0, 16384)
+        RG.ring_end_read(mem, 0, 16384)
         rs = np.zeros(2, dtype=np.int64)
         netvsc_reclaim(mem, 0, 16384, rs, self.desc, self.free, self.nfree, self.busy,
                        np.zeros(1, np.int64))
@@ -199,7 +202,7 @@ class Driver:
                                        nic.send_gpa, nic.send_section_size, self.free,
                                        self.nfree, self.busy, self.bufs, self.nvsp,
                                        self.txstats)
-            if sig or nxt > start:
+            if sig:                      # the ring was empty and the host unmasked (a.4.6)
                 os.eventfd_write(nic.signal, 1)
             if nxt == start:
                 self._from_host()        # the ring or the sections are full: make room
@@ -208,18 +211,30 @@ class Driver:
         return n
 
     def run(self) -> None:
+        """NAPI's shape: woken by the tap or the host's interrupt, the host's
+        interrupts are masked while the driver drains both ways, then unmasked
+        with a re-check (a.5.5), so a busy guest costs the host no signals."""
         ep = select.epoll()
         ep.register(self.tapfd, select.EPOLLIN)
         ep.register(self.nic.interrupt, select.EPOLLIN)
+        mem, inr = self.ram.mem, self.nic.inr
         while True:
-            for fd, _ in ep.poll(0.05):
+            for fd, _ in ep.poll(1.0):
                 if fd == self.nic.interrupt:
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         pass
-            while self._from_host() + self._to_host():
-                pass
+            RG.ring_begin_read(mem, inr.base, inr.datasize)
+            while True:
+                while self._from_host() + self._to_host():
+                    pass
+                left = RG.ring_end_read(mem, inr.base, inr.datasize)
+                if left < 0:
+                    raise RuntimeError(f"the host's ring is corrupt ({left})")
+                if left == 0:
+                    break
+                RG.ring_begin_read(mem, inr.base, inr.datasize)
 
 
 def main(argv=None) -> int:
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
     client.connect()
     client.request_offers()
     nic = Netvsc(ram, client, GuestPages(ram.size), mtu=int(msg.get("mtu", 1500)),
-                 recv_sections=int(msg.get("recv_sections", 2048)), timeout=60)
+                 recv_sections=int(msg.get("recv_sections", N.DEFAULT_RX)), timeout=60)
     link = nic.bring_up()
     tapfd = open_tap(a.ifname)
     # The tap's carrier follows the host's link indications (e.8), as Linux's

@@ -3,11 +3,13 @@ cross the ring as Linux and the host would carry them."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scapy.all import IP, IPv6, TCP, UDP, Ether, raw
 
 from netvsp.datapath import ReceiveBuffer, C_ID, DRAINED, NBAD, netvsp_ingress, write_completions
 from netvsp.netvsc_datapath import GPA_ID, netvsc_reclaim, netvsc_transmit
 from netvsp.vmbus import ring as RG
+from switch.gso import finish_checksum
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
                           GSO_TCPV4, GSO_TYPE, LEN, OFF, TCI, PacketBatch,
                           init_packet)
@@ -144,16 +146,26 @@ def test_host_egress_to_guest_receive_round_trip():
                                            np.zeros(8, np.uint8))
     assert (n, ncomp, why) == (5, 1, RX_OK) and not gst.any()
     got = [bytes(g.data[g.meta[OFF, i]:g.meta[OFF, i] + g.meta[LEN, i]]) for i in range(5)]
-    assert got == frames
-    assert g.meta[FLAGS, 0] & F_CSUM_VALID and not g.meta[FLAGS, 1] & F_CSUM_VALID
+    assert got[1:] == frames[1:]
+    # "checksum succeeded" becomes a partial checksum for the guest's tap: the
+    # field holds the pseudo-header sum, and finishing it gives the frame sent
+    assert g.meta[FLAGS, 0] & F_CSUM_PARTIAL and not g.meta[FLAGS, 0] & F_CSUM_VALID
+    assert (g.meta[CSUM_START, 0], g.meta[CSUM_OFF, 0]) == (34, 16)
+    assert got[0] != frames[0] and got[0][:50] == frames[0][:50]
+    assert finish_checksum(g.meta, g.data, 0)
+    assert bytes(g.data[g.meta[OFF, 0]:g.meta[OFF, 0] + g.meta[LEN, 0]]) == frames[0]
+    assert not g.meta[FLAGS, 1] & (F_CSUM_VALID | F_CSUM_PARTIAL)
     assert g.meta[FLAGS, 3] & F_VLAN and g.meta[TCI, 3] == (3 << 13) | 10
     assert comp[0, 1] == 1                      # completed as SUCCESS
 
 
-def test_rsc_super_packet_arrives_whole_with_its_checksums_finished():
+@pytest.mark.parametrize("offload", ["partial", "none"])
+def test_rsc_super_packet_arrives_whole(offload):
     """NVSP 6.1 receive coalescing: a TCP super-packet crosses as RSC fragments of
-    one transfer-page packet and the guest reassembles it into one frame whose IP
-    length and TCP checksum are those of one big segment."""
+    one transfer-page packet and the guest reassembles it into one frame, one big
+    segment, whose checksum goes to its tap as partial and finishes right. With
+    checksum offload it crosses as it lay in the batch; without, it is made one
+    big segment with finished checksums first."""
     from scapy.all import IP as SIP, TCP as STCP, Ether as SEther
     from netvsp.datapath import NSTATS, S_COALESCED, netvsp_egress
     from netvsp.netvsc_datapath import RX_OK, netvsc_receive
@@ -166,8 +178,11 @@ def test_rsc_super_packet_arrives_whole_with_its_checksums_finished():
     payload = bytes((k * 13) & 0xFF for k in range(40000))
     big = raw(SEther(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
               / SIP(src="10.0.0.1", dst="10.0.0.2") / STCP(sport=7, dport=8) / payload)
-    put(h, 0, big, 0, FLAGS=F_CSUM_PARTIAL, CSUM_START=34, CSUM_OFF=16, GSO_TYPE=GSO_TCPV4,
-        GSO_SIZE=1448)
+    if offload == "partial":
+        put(h, 0, big, 0, FLAGS=F_CSUM_PARTIAL, CSUM_START=34, CSUM_OFF=16,
+            GSO_TYPE=GSO_TCPV4, GSO_SIZE=1448)
+    else:
+        put(h, 0, big, 0, GSO_TYPE=GSO_TCPV4, GSO_SIZE=1448)
     parse_batch(h.meta, h.data, 0, 1)
     plan = np.array([[0], [2]], dtype=np.int64)
     stats = np.zeros(NSTATS, dtype=np.int64)
@@ -188,9 +203,51 @@ def test_rsc_super_packet_arrives_whole_with_its_checksums_finished():
     assert (n, ncomp, why) == (1, 1, RX_OK) and not gst.any(), (gst.tolist(), comp[0].tolist())
     got = bytes(g.data[g.meta[OFF, 0]:g.meta[OFF, 0] + g.meta[LEN, 0]])
     assert len(got) == len(big) and got[54:] == payload
+    assert g.meta[FLAGS, 0] & F_CSUM_PARTIAL and g.meta[CSUM_START, 0] == 34
+    assert finish_checksum(g.meta, g.data, 0)
+    got = bytes(g.data[g.meta[OFF, 0]:g.meta[OFF, 0] + g.meta[LEN, 0]])
     pkt = SEther(got)
     assert pkt[SIP].len == len(big) - 14
     want = SEther(raw(pkt.__class__(got)))
     del want[SIP].chksum, want[STCP].chksum
     want = SEther(raw(want))
     assert pkt[STCP].chksum == want[STCP].chksum and pkt[SIP].chksum == want[SIP].chksum
+
+
+@pytest.mark.parametrize("pkt,start,off", [
+    (Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / TCP() / (b"x" * 300), 34, 16),
+    (Ether() / IPv6(src="fd00::1", dst="fd00::2") / TCP() / (b"x" * 301), 54, 16),
+    (Ether() / IP(src="10.0.0.1", dst="10.0.0.2", options=b"\x01" * 4) / UDP() / (b"y" * 77),
+     38, 6),
+    (Ether() / IPv6(src="fd00::1", dst="fd00::2") / UDP() / (b"y" * 64), 54, 6),
+])
+def test_verified_checksum_goes_to_the_tap_as_partial(pkt, start, off):
+    from netvsp.netvsc_datapath import _verified_to_partial
+    from switch.batch import F_CSUM_VALID
+    f = raw(pkt)
+    b = PacketBatch(2, arena=4096)
+    put(b, 0, f, 64, FLAGS=F_CSUM_VALID)
+    _verified_to_partial(b.meta, b.data, 0)
+    assert b.meta[FLAGS, 0] & F_CSUM_PARTIAL and not b.meta[FLAGS, 0] & F_CSUM_VALID
+    assert (b.meta[CSUM_START, 0], b.meta[CSUM_OFF, 0]) == (start, off)
+    assert finish_checksum(b.meta, b.data, 0)
+    assert bytes(b.data[64:64 + len(f)]) == f           # the sum the sender made
+
+
+@pytest.mark.parametrize("pkt", [
+    Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(chksum=0) / (b"y" * 64),   # no checksum
+    Ether() / IP(src="10.0.0.1", dst="10.0.0.2", flags="MF") / TCP() / (b"x" * 64),  # fragment
+    Ether() / IP(src="10.0.0.1", dst="10.0.0.2", len=300) / TCP() / (b"x" * 64),  # len > frame
+    Ether() / IPv6(src="fd00::1", dst="fd00::2", plen=9000) / TCP() / (b"x" * 64),
+    Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / (b"\x00" * 64),              # not TCP/UDP
+    Ether(type=0x0806) / (b"\x00" * 46),
+])
+def test_verified_checksum_left_alone_where_it_cannot_be_placed(pkt):
+    from netvsp.netvsc_datapath import _verified_to_partial
+    from switch.batch import F_CSUM_VALID
+    f = raw(pkt)
+    b = PacketBatch(2, arena=4096)
+    put(b, 0, f, 64, FLAGS=F_CSUM_VALID)
+    _verified_to_partial(b.meta, b.data, 0)
+    assert b.meta[FLAGS, 0] & F_CSUM_VALID and not b.meta[FLAGS, 0] & F_CSUM_PARTIAL
+    assert bytes(b.data[64:64 + len(f)]) == f

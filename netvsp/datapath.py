@@ -26,7 +26,7 @@ import numpy as np
 from switch.byteorder import le32, put_le32
 from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAG_SHIFT, D_TAGGED, F_CSUM_PARTIAL,
                           F_CSUM_VALID, F_VLAN, FLAGS, GSO_SIZE, GSO_TCPV4, GSO_TCPV6, GSO_TYPE,
-                          L3OFF, LEN, OFF, ROW_PAD, TCI, copy_bytes, init_packet)
+                          L3OFF, L4OFF, LEN, OFF, ROW_PAD, TCI, copy_bytes, init_packet)
 from switch.gso import segment
 from switch.kernel import helper, kernel
 
@@ -422,13 +422,15 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
         segmented = False
         gt = meta[GSO_TYPE, i] & 0x7F
         if rsc and RX_HDR + ln > sub_size and (gt == GSO_TCPV4 or gt == GSO_TCPV6):
-            if csum_ok and meta[L3OFF, i] == 14:
+            if csum_ok and meta[L3OFF, i] == 14 and (gt == GSO_TCPV4 or meta[L4OFF, i] == 54):
                 # A super-packet from a Linux stack already is one big segment: its
                 # IP length covers it all and its TCP checksum field holds the
                 # pseudo-header sum (CHECKSUM_PARTIAL) or the full sum. It goes
                 # as it lies, told "checksum succeeded" as Linux's veth would
                 # hand a local receiver such a packet unverified; the guest's
-                # stack checks the IP lengths itself.
+                # stack checks the IP lengths itself. (An IPv6 one with extension
+                # headers is made one segment below: the guest side places
+                # checksums only right after the fixed header.)
                 src = data
                 soff = meta[OFF, i]
                 total = ln

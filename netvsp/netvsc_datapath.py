@@ -20,6 +20,7 @@ from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_CSUM_VALID, F_
                           GSO_SIZE, GSO_TCPV6, GSO_TYPE, LEN, OFF, ROW_PAD, TCI, copy_bytes,
                           init_packet)
 from switch.kernel import helper, kernel
+from switch.syscalls import writev
 
 from . import nvsp as N
 from . import rndis as R
@@ -163,7 +164,8 @@ def netvsc_transmit(mem, wbase, wds, meta, data, data_gpa, n, start,
 def netvsc_reclaim(mem, rbase, rds, rstate, desc, free_secs, nfree, busy, gpa_done):
     """Read the host's completions of our sends from the host-to-guest ring: a send
     section goes back on the free stack, a GPA-direct frame counts in
-    ``gpa_done[0]``. Stops at anything else (a receive: the receive path's).
+    ``gpa_done[row]`` (its transaction id is GPA_ID + its batch row). Stops at
+    anything else (a receive: the receive path's).
     ``rstate[0]`` is the private read position. Returns the packets consumed, or a
     negative ring error. The caller commits the read index."""
     got = 0
@@ -181,8 +183,8 @@ def netvsc_reclaim(mem, rbase, rds, rstate, desc, free_secs, nfree, busy, gpa_do
                 busy[tid - 1] = 0
                 free_secs[nfree[0]] = tid - 1
                 nfree[0] += 1
-        elif tid >= GPA_ID:
-            gpa_done[0] += 1
+        elif tid >= GPA_ID and tid - GPA_ID < gpa_done.shape[0]:
+            gpa_done[tid - GPA_ID] += 1
         rstate[0] = desc[RG.D_NEXT]
         got += 1
 
@@ -193,23 +195,87 @@ _PKTINFO = R.PPI_RNDIS_PKTINFO_ID
 _SUBALLOC, _FIRST, _LAST = R.PKTINFO_SUBALLOC, R.PKTINFO_1ST_FRAG, R.PKTINFO_LAST_FRAG
 
 
+MAX_FRAGS = 600           # pieces of one frame: a transfer-page packet's every range (b.5)
+_VNET = 10                # virtio_net_hdr (switch.tap): flags, gso type, lengths, csum
+
+
+def rx_scratch():
+    """The arrays netvsc_receive's direct-to-tap mode works in: (pieces, iov, hdr)."""
+    return (np.zeros((MAX_FRAGS, 2), dtype=np.int64), np.zeros(2 * (MAX_FRAGS + 3), np.int64),
+            np.zeros(32, dtype=np.uint8))
+
+
+@helper
+def _to_tap(mem, pieces, np_, flen, fl, tci, tapfd, iov, hdr):
+    """One received frame, in ``np_`` pieces of guest RAM, written to the tap with
+    one writev(): virtio header (a verified checksum made partial, see
+    _partial_csum), then the pieces, an 802.1Q tag put back after the MACs.
+    Returns whether the tap took it."""
+    for k in range(_VNET):
+        hdr[k] = 0
+    p0 = pieces[0, 0]
+    l0 = pieces[0, 1]
+    shift = 0
+    tagged = (fl & F_VLAN) != 0 and l0 >= 12
+    if tagged:
+        shift = 4
+    if fl & F_CSUM_VALID:
+        cs, co = _partial_csum(mem, p0, l0, flen)
+        if cs >= 0:
+            hdr[0] = 1                            # VIRTIO_NET_HDR_F_NEEDS_CSUM
+            hdr[6] = (cs + shift) & 0xFF
+            hdr[7] = ((cs + shift) >> 8) & 0xFF
+            hdr[8] = co
+    base = mem.ctypes.data
+    iov[0] = hdr.ctypes.data
+    iov[1] = _VNET
+    c = 1
+    if tagged:
+        hdr[16] = 0x81
+        hdr[17] = 0x00
+        hdr[18] = (tci >> 8) & 0xFF
+        hdr[19] = tci & 0xFF
+        iov[2] = base + p0
+        iov[3] = 12
+        iov[4] = hdr.ctypes.data + 16
+        iov[5] = 4
+        iov[6] = base + p0 + 12
+        iov[7] = l0 - 12
+        c = 4
+    else:
+        iov[2] = base + p0
+        iov[3] = l0
+        c = 2
+    for k in range(1, np_):
+        iov[2 * c] = base + pieces[k, 0]
+        iov[2 * c + 1] = pieces[k, 1]
+        c += 1
+    return writev(tapfd, iov.ctypes.data, c) >= 0
+
+
 @kernel
 def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
-                   meta, data, n, cursor, comp, ncomp, stats, nvsp8):
-    """Frames the host put in the receive buffer, into a batch (what the guest's
-    stack gets: copied out of the buffer, so the sub-allocations go back at once).
+                   meta, data, n, cursor, comp, ncomp, stats, nvsp8, tapfd, pieces, iov, hdr):
+    """Frames the host put in the receive buffer: with ``tapfd`` < 0 copied into a
+    batch (so the sub-allocations go back at once), else written straight from
+    the buffer to the tap ``tapfd`` (one writev() per frame, its pieces in place;
+    ``pieces``, ``iov``, ``hdr`` from rx_scratch()) before the packet is
+    completed: what the guest's stack gets either way.
 
     For each transfer-page packet: its ranges checked as Linux's netvsc_receive
     checks them (parse_xfer_page), each range one RNDIS_PACKET_MSG validated like
-    on the host side (lengths, offsets, per-packet info), the frame copied, the
-    802.1Q info back as the out-of-band tag, the receive checksum info as
-    F_CSUM_VALID; then the packet's completion is queued (``comp``, NVSP status
+    on the host side (lengths, offsets, per-packet info), RSC fragments (e.5)
+    joined, the 802.1Q info back as the out-of-band tag (inline for the tap), the
+    receive checksum info as F_CSUM_VALID (for the tap a partial checksum, see
+    _partial_csum); then the packet's completion is queued (``comp``, NVSP status
     SUCCESS or FAIL if any message was bad, e.2). A completion of our sends stops
     the walk with RX_COMPLETION (netvsc_reclaim takes it), anything else with
     RX_CONTROL (the control path's). Returns (n, cursor, ncomp, why) or a
-    negative ring error as why. ``nvsp8``: 8 bytes of scratch."""
+    negative ring error as why; n counts frames (batched or written).
+    ``nvsp8``: 8 bytes of scratch."""
+    direct = tapfd >= 0
     cap = meta.shape[1] - ROW_PAD
-    while n < cap and ncomp < comp.shape[0]:
+    while (direct or n < cap) and ncomp < comp.shape[0]:
         rc = RG.read_packet(mem, rbase, rds, rstate[0], desc)
         if rc == RG.E_EMPTY:
             return n, cursor, ncomp, RX_OK
@@ -233,19 +299,21 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
             stats[4] += 1
             status = N.STATUS_FAIL
             nr = 0
-        need = 0
-        for k in range(nr):
-            need += ranges[k, 0] + 64
-        if n > 0 and (nr > cap - n or cursor + need > data.shape[0]):
-            return n, cursor, ncomp, RX_OK         # next batch, empty
-        if cursor + need > data.shape[0]:
-            stats[5] += 1              # never fits an empty batch: complete it as failed
-            status = N.STATUS_FAIL
-            nr = 0
+        if not direct:
+            need = 0
+            for k in range(nr):
+                need += ranges[k, 0] + 64
+            if n > 0 and (nr > cap - n or cursor + need > data.shape[0]):
+                return n, cursor, ncomp, RX_OK         # next batch, empty
+            if cursor + need > data.shape[0]:
+                stats[5] += 1          # never fits an empty batch: complete it as failed
+                status = N.STATUS_FAIL
+                nr = 0
         frag = False              # inside an RSC chain (e.5): its data goes on at flen
         flen = 0
         ffl = 0
         ftci = 0
+        np_ = 0
         for k in range(nr):
             ok, ds, dl, fl, tci, pflag = _rx_parse(mem, rbuf_gpa + ranges[k, 1], ranges[k, 0])
             if not ok or (not (pflag & _SUBALLOC) and dl < 14):
@@ -254,18 +322,29 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
                 frag = False
                 continue
             if pflag & _SUBALLOC and not (pflag & _FIRST):
-                if not frag or cursor + flen + dl > data.shape[0]:
+                if not frag or np_ >= pieces.shape[0] or \
+                        (not direct and cursor + flen + dl > data.shape[0]):
                     stats[6] += 1             # a fragment out of its chain
                     status = N.STATUS_FAIL
                     frag = False
                     continue
-                copy_bytes(data, cursor + flen, mem, ds, dl)
+                if direct:
+                    pieces[np_, 0] = ds
+                    pieces[np_, 1] = dl
+                    np_ += 1
+                else:
+                    copy_bytes(data, cursor + flen, mem, ds, dl)
                 flen += dl
             else:
                 if frag:
                     stats[6] += 1             # a chain left without its last fragment
                     status = N.STATUS_FAIL
-                copy_bytes(data, cursor, mem, ds, dl)
+                if direct:
+                    pieces[0, 0] = ds
+                    pieces[0, 1] = dl
+                    np_ = 1
+                else:
+                    copy_bytes(data, cursor, mem, ds, dl)
                 flen = dl
                 ffl = fl
                 ftci = tci
@@ -273,9 +352,15 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
             if frag and not (pflag & _LAST):
                 continue
             frag = False
-            if flen < 14:
+            if flen < 14 or (direct and pieces[0, 1] < 14):
                 stats[6] += 1
                 status = N.STATUS_FAIL
+                continue
+            if direct:
+                if _to_tap(mem, pieces, np_, flen, ffl, ftci, tapfd, iov, hdr):
+                    n += 1
+                else:
+                    stats[7] += 1             # the tap refused it (queue full, down)
                 continue
             if n >= cap:
                 stats[7] += 1                 # more frames than the batch has slots
@@ -308,59 +393,73 @@ def _sum_be16(buf, p, n):
 
 
 @helper
-def _verified_to_partial(meta, data, i):
+def _partial_csum(buf, off, avail, ln):
     """The host said "checksum succeeded" (e.5), which Linux's netvsc turns into
     CHECKSUM_UNNECESSARY; a tap cannot be told that (tun ignores
     VIRTIO_NET_HDR_F_DATA_VALID on writes), so the frame goes to the tap as a
     partial checksum instead: the field gets the pseudo-header sum and the
     virtio header says where the sum goes. Linux's stack takes a partial
     checksum on receive unverified, like CHECKSUM_UNNECESSARY, and finishes it
-    right if the guest forwards the frame. Frames it cannot place (no plain
-    IPv4/IPv6 TCP or UDP right after the Ethernet header) stay as they are."""
-    off = meta[OFF, i]
-    ln = meta[LEN, i]
-    if ln < 42:
-        return
-    et = (np.int64(data[off + 12]) << 8) | np.int64(data[off + 13])
+    right if the guest forwards the frame.
+
+    The frame is ``ln`` bytes at buf[off:], its first ``avail`` contiguous.
+    Returns (csum_start, csum_offset) with the field written, or (-1, 0) for a
+    frame it cannot place (no plain IPv4/IPv6 TCP or UDP right after the
+    Ethernet header, or headers beyond ``avail``), left as it is."""
+    if avail < 42 or avail > ln:
+        return -1, 0
+    et = (np.int64(buf[off + 12]) << 8) | np.int64(buf[off + 13])
     if et == 0x0800:
-        ihl = np.int64(data[off + 14] & 15) * 4
-        tot = (np.int64(data[off + 16]) << 8) | np.int64(data[off + 17])
-        frag = ((np.int64(data[off + 20]) << 8) | np.int64(data[off + 21])) & 0x3FFF
+        ihl = np.int64(buf[off + 14] & 15) * 4
+        tot = (np.int64(buf[off + 16]) << 8) | np.int64(buf[off + 17])
+        frag = ((np.int64(buf[off + 20]) << 8) | np.int64(buf[off + 21])) & 0x3FFF
         if ihl < 20 or frag != 0 or tot < ihl or 14 + tot > ln:
-            return
-        proto = np.int64(data[off + 23])
+            return -1, 0
+        proto = np.int64(buf[off + 23])
         l4 = 14 + ihl
         l4len = tot - ihl
-        s = _sum_be16(data, off + 26, 8)
+        s = _sum_be16(buf, off + 26, 8)
     elif et == 0x86DD:
-        if ln < 54:
-            return
-        proto = np.int64(data[off + 20])
+        if avail < 54:
+            return -1, 0
+        proto = np.int64(buf[off + 20])
         l4 = 54
-        l4len = (np.int64(data[off + 18]) << 8) | np.int64(data[off + 19])
+        l4len = (np.int64(buf[off + 18]) << 8) | np.int64(buf[off + 19])
         if 54 + l4len > ln:
-            return
-        s = _sum_be16(data, off + 22, 32)
+            return -1, 0
+        s = _sum_be16(buf, off + 22, 32)
     else:
-        return
+        return -1, 0
     if proto == 6:
         co = 16
         if l4len < 20:
-            return
+            return -1, 0
     elif proto == 17:
         co = 6
-        if l4len < 8 or (et == 0x0800 and data[off + l4 + 6] == 0 and data[off + l4 + 7] == 0):
-            return                 # an IPv4 UDP datagram without checksum: nothing to do
+        if l4len < 8:
+            return -1, 0
     else:
-        return
+        return -1, 0
+    if l4 + co + 2 > avail:
+        return -1, 0
+    if proto == 17 and et == 0x0800 and buf[off + l4 + 6] == 0 and buf[off + l4 + 7] == 0:
+        return -1, 0               # an IPv4 UDP datagram without checksum: nothing to do
     s += proto + l4len
     while s > 0xFFFF:
         s = (s & 0xFFFF) + (s >> 16)
-    data[off + l4 + co] = (s >> 8) & 0xFF
-    data[off + l4 + co + 1] = s & 0xFF
-    meta[FLAGS, i] = (meta[FLAGS, i] & ~F_CSUM_VALID) | F_CSUM_PARTIAL
-    meta[CSUM_START, i] = l4
-    meta[CSUM_OFF, i] = co
+    buf[off + l4 + co] = (s >> 8) & 0xFF
+    buf[off + l4 + co + 1] = s & 0xFF
+    return l4, co
+
+
+@helper
+def _verified_to_partial(meta, data, i):
+    """_partial_csum for batch frame ``i``: on success its flags say partial."""
+    cs, co = _partial_csum(data, meta[OFF, i], meta[LEN, i], meta[LEN, i])
+    if cs >= 0:
+        meta[FLAGS, i] = (meta[FLAGS, i] & ~F_CSUM_VALID) | F_CSUM_PARTIAL
+        meta[CSUM_START, i] = cs
+        meta[CSUM_OFF, i] = co
 
 
 @helper

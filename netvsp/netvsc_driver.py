@@ -8,12 +8,14 @@ tap and the VMBus rings in compiled loops:
 
 - tap -> host: frames are read into a transmit arena in guest RAM, each with
   HEADROOM bytes free before it, and put on the ring by ``netvsc_transmit``;
-  the arena is reused once the host has completed the GPA-direct frames in it;
-- host -> tap: ``netvsc_receive`` copies the frames out of the receive buffer
-  and completes them; they go to the tap with one writev() each (the switch's
-  ``tap_transmit``, a tag put back inline).
+  the arena has two halves, and one is refilled from the tap once the host has
+  completed the GPA-direct frames in it, while the host reads the other;
+- host -> tap: ``netvsc_receive`` writes each frame from the receive buffer to
+  the tap with one writev() (RSC fragments as pieces of it, a tag put back
+  inline), then completes the transfer-page packet.
 Completions of our sends are taken by ``netvsc_reclaim``; anything else the host
-sends (control replies, link indications) is handled by the control path.
+sends (control replies, link indications) is handled by the control path. All of
+it, both ways, is one compiled call per wake-up (``driver_poll``).
 
     python -m netvsp.netvsc_driver --ctl FD --ifname eth0
 """
@@ -30,17 +32,17 @@ import numpy as np
 
 from hypervisor.partition import ControlChannel, GuestMemory
 from hypervisor.synic import MessagePort
-from switch.batch import (CSUM_OFF, CSUM_START, D_TAGGED, F_CSUM_PARTIAL, F_CSUM_VALID, F_VLAN,
-                          FLAGS, GSO_SIZE, GSO_TYPE, ROW_PAD, TCI, PacketBatch, init_packet)
+from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_CSUM_VALID, FLAGS, GSO_SIZE,
+                          GSO_TYPE, ROW_PAD, PacketBatch, init_packet)
 from switch.kernel import kernel
-from switch.syscalls import read
-from switch.tap import VNET_HDR, open_tap, set_carrier, tap_transmit
+from switch.syscalls import read, write
+from switch.tap import VNET_HDR, open_tap, set_carrier
 
 from . import datapath as D
 from . import nvsp as N
 from .netvsc import Netvsc
-from .netvsc_datapath import (HEADROOM, RX_CONTROL, RX_OK, netvsc_receive, netvsc_reclaim,
-                              netvsc_transmit)
+from .netvsc_datapath import (HEADROOM, RX_CONTROL, netvsc_receive, netvsc_reclaim,
+                              netvsc_transmit, rx_scratch)
 from .vmbus import ring as RG
 from .vmbus.client import GuestPages, VmbusClient
 
@@ -50,11 +52,12 @@ SLOT = 65536 + 64 + HEADROOM + 64        # a super-packet, its tag, headroom, al
 
 
 @kernel
-def tap_read_slots(fd, meta, data, nslots, slot, headroom):
-    """Read ready frames from the tap, one per arena slot with ``headroom`` free
-    before the frame (the virtio header lands in its last 10 bytes)."""
-    n = 0
-    cap = min(nslots, meta.shape[1] - ROW_PAD)
+def tap_read_slots(fd, meta, data, first, nslots, slot, headroom):
+    """Read ready frames from the tap into batch rows first.., one per arena slot
+    (row k in slot k) with ``headroom`` free before the frame (the virtio header
+    lands in its last 10 bytes). Returns how many were read."""
+    n = first
+    cap = min(first + nslots, meta.shape[1] - ROW_PAD)
     while n < cap:
         at = n * slot + headroom
         if at + slot - headroom > data.shape[0]:
@@ -73,21 +76,112 @@ def tap_read_slots(fd, meta, data, nslots, slot, headroom):
         meta[GSO_TYPE, n] = data[h + 1]
         meta[GSO_SIZE, n] = np.int64(data[h + 4]) | (np.int64(data[h + 5]) << 8)
         n += 1
-    return n
+    return n - first
+
+
+# driver_poll's answers (negative: the host's ring is corrupt, a ring error code)
+IDLE, CONTROL, BLOCKED = 0, 1, 2
+# geo[] slots: where things are in guest RAM, and the descriptors the loop uses
+G_IN, G_IN_DS, G_OUT, G_OUT_DS, G_RECV, G_RECV_SIZE, G_SEND, G_SECTION, G_TX, G_TAP, \
+    G_SIGNAL, G_PARTS = range(12)
+# st[] slots: state kept between calls. The transmit arena is two halves: one is
+# refilled from the tap while the host still reads the other's frames.
+ST_NCOMP, ST_TX_AT, ST_TX_N, ST_TX_PART, ST_SENT = 0, 1, 2, 3, 4     # ST_SENT: per part
+TX_PARTS = 2          # measured beside 1 and 4 (hvnet bench switch): no worse, often better
+MAX_PARTS = 8
+NST = ST_SENT + MAX_PARTS
 
 
 @kernel
-def rx_plan(meta, n, plan, span):
-    """Deliveries for the tap: every frame, a tag the host sent out of band put
-    back on (D_TAGGED), as port 0 of tap_transmit's plan."""
-    span[0, 0] = 0
-    span[0, 1] = n
-    for i in range(n):
-        plan[0, i] = i
-        d = 0
-        if meta[FLAGS, i] & F_VLAN:
-            d = D_TAGGED | (meta[TCI, i] << 48)
-        plan[1, i] = d
+def _bell(fd, one):
+    write(fd, one.ctypes.data, 8)        # an eventfd: add 1
+
+
+@kernel
+def driver_poll(mem, geo, st, rs, desc, ranges, comp, rxstats, nvsp8, msg, free, nfree, busy,
+                gpa_done, bufs, nvsp, txstats, rxmeta, rxdata, pieces, iov, hdr, txmeta,
+                txdata, one):
+    """The driver's whole data path, both ways, until nothing moves (one call per
+    wake-up, no Python per batch): completions of our sends and frames from the
+    host (to the tap, then completed), then frames from the tap to the host.
+    Returns (packets moved, why it stopped): IDLE; CONTROL, a packet for the
+    control path is next on the host's ring; BLOCKED, the ring to the host or
+    the send sections are full (completions or frames wait: call again soon);
+    or the ring error the host's ring gave."""
+    ib, ids, ob, ods = geo[G_IN], geo[G_IN_DS], geo[G_OUT], geo[G_OUT_DS]
+    sig_fd = geo[G_SIGNAL]
+    moved = 0
+    while True:
+        progress = 0
+        # ---- from the host
+        start = RG.ring_read_pos(mem, ib, ids)
+        if start < 0:
+            return moved, start
+        rs[0] = start
+        got = netvsc_reclaim(mem, ib, ids, rs, desc, free, nfree, busy, gpa_done)
+        # received frames go to the tap straight from the receive buffer
+        n, _, ncomp, why = netvsc_receive(mem, ib, ids, rs, desc, ranges, geo[G_RECV],
+                                          geo[G_RECV_SIZE], rxmeta, rxdata, 0, 0, comp,
+                                          st[ST_NCOMP], rxstats, nvsp8, geo[G_TAP], pieces,
+                                          iov, hdr)
+        if got < 0:
+            return moved, got
+        if rs[0] != start and RG.ring_read_commit(mem, ib, ids, rs[0], start) == 1:
+            _bell(sig_fd, one)               # the host waits for room (a.5.4)
+        if ncomp:
+            w, sig = D.write_completions(mem, ob, ods, comp, 0, ncomp, msg)
+            for k in range(ncomp - w):
+                comp[k, 0] = comp[k + w, 0]
+                comp[k, 1] = comp[k + w, 1]
+            ncomp -= w
+            if sig:
+                _bell(sig_fd, one)
+        st[ST_NCOMP] = ncomp
+        if why < 0:
+            return moved, why
+        progress += got + n
+        if why == RX_CONTROL and got == 0 and n == 0:
+            return moved + progress, CONTROL
+        # ---- to the host: a half of the arena is refilled once the host completed
+        # every GPA-direct frame in it (gpa_done counts completions per row)
+        if st[ST_TX_AT] >= st[ST_TX_N]:
+            parts = geo[G_PARTS]
+            per = TX_SLOTS // parts
+            for t in range(parts):
+                h = (st[ST_TX_PART] + 1 + t) % parts  # the next part first
+                b0 = h * per
+                done = 0
+                for k in range(b0, b0 + per):
+                    done += gpa_done[k]
+                if done != st[ST_SENT + h]:
+                    continue
+                for k in range(b0, b0 + per):
+                    gpa_done[k] = 0
+                st[ST_SENT + h] = 0
+                got = tap_read_slots(geo[G_TAP], txmeta, txdata, b0, per, SLOT, HEADROOM)
+                if got:
+                    st[ST_TX_PART] = h
+                    st[ST_TX_AT] = b0
+                    st[ST_TX_N] = b0 + got
+                    progress += got
+                break
+        if st[ST_TX_AT] < st[ST_TX_N]:
+            at = st[ST_TX_AT]
+            before = txstats[1]
+            nxt, sig = netvsc_transmit(mem, ob, ods, txmeta, txdata, geo[G_TX], st[ST_TX_N],
+                                       at, geo[G_SEND], geo[G_SECTION], free, nfree, busy,
+                                       bufs, nvsp, txstats)
+            st[ST_SENT + st[ST_TX_PART]] += txstats[1] - before
+            st[ST_TX_AT] = nxt
+            if sig:                          # the ring was empty, the host unmasked (a.4.6)
+                _bell(sig_fd, one)
+            if nxt == at:
+                return moved + progress, BLOCKED
+        moved += progress
+        if st[ST_NCOMP] > 0:
+            return moved, BLOCKED
+        if progress == 0:
+            return moved, IDLE
 
 
 class Driver:
@@ -97,118 +191,50 @@ class Driver:
         self.tx_gpa = nic.pages.alloc(TX_SLOTS * SLOT)
         self.tx = PacketBatch(TX_SLOTS, arena=TX_SLOTS * SLOT)
         self.tx.data = mem[self.tx_gpa:self.tx_gpa + TX_SLOTS * SLOT]
-        # room for a transfer-page packet's every range (Linux's NVSP_RSC_MAX, b.5)
-        self.rx = PacketBatch(576, arena=8 << 20)
+        self.rx = PacketBatch(1, arena=64)
         count = nic.send_section_count
-        self.free = np.arange(count, dtype=np.int64)
-        self.nfree = np.array([count], dtype=np.int64)
-        self.busy = np.zeros(count, dtype=np.uint8)
-        self.bufs = np.zeros((1, 2), dtype=np.int64)
-        self.nvsp = np.zeros(16, dtype=np.uint8)
-        self.txstats = np.zeros(4, dtype=np.int64)
-        self.desc = np.zeros(RG.DESC_FIELDS, dtype=np.int64)
-        self.ranges = np.zeros((562, 2), dtype=np.int64)
-        self.comp = np.zeros((512, 2), dtype=np.int64)
-        self.ncomp = 0
-        self.rxstats = np.zeros(8, dtype=np.int64)
-        self.gpa_done = np.zeros(1, dtype=np.int64)
-        self.rs = np.zeros(2, dtype=np.int64)
-        self.plan = np.zeros((2, 576), dtype=np.int64)
-        self.span = np.zeros((1, 2), dtype=np.int64)
-        self.port_ids = np.zeros(1, dtype=np.int64)
-        self.fds = np.array([tapfd], dtype=np.int64)
-        self.hdr = np.zeros(32, dtype=np.uint8)
-        self.iov = np.zeros(8, dtype=np.int64)
-        self.ctr = np.zeros((1, 1024), dtype=np.int64)
-        self.msg = np.zeros(8, dtype=np.uint8)
-        self.nvsp8 = np.zeros(8, dtype=np.uint8)
+        self.geo = np.array([nic.inr.base, nic.inr.datasize, nic.out.base, nic.out.datasize,
+                             nic.recv_gpa, nic.recv_size, nic.send_gpa,
+                             nic.send_section_size, self.tx_gpa, tapfd, nic.signal,
+                             TX_PARTS],
+                            dtype=np.int64)
+        self.st = np.zeros(NST, dtype=np.int64)
+        self.arrays = (
+            np.zeros(2, dtype=np.int64),                  # rs
+            np.zeros(RG.DESC_FIELDS, dtype=np.int64),     # desc
+            np.zeros((562, 2), dtype=np.int64),           # ranges
+            np.zeros((512, 2), dtype=np.int64),           # comp
+            np.zeros(8, dtype=np.int64),                  # rxstats
+            np.zeros(8, dtype=np.uint8),                  # nvsp8
+            np.zeros(8, dtype=np.uint8),                  # msg
+            np.arange(count, dtype=np.int64),             # free sections
+            np.array([count], dtype=np.int64),            # nfree
+            np.zeros(count, dtype=np.uint8),              # busy
+            np.zeros(TX_SLOTS, dtype=np.int64),           # GPA-direct completions per row
+            np.zeros((1, 2), dtype=np.int64),             # bufs
+            np.zeros(16, dtype=np.uint8),                 # nvsp
+            np.zeros(4, dtype=np.int64),                  # txstats
+            self.rx.meta, self.rx.data,                   # (unused: frames go direct)
+            *rx_scratch(),                                # pieces, iovecs, virtio header
+            self.tx.meta, self.tx.data,
+            np.array([1], dtype=np.uint64).view(np.uint8))   # an eventfd increment
+
+    def poll(self):
+        return driver_poll(self.ram.mem, self.geo, self.st, *self.arrays)
 
     def warm(self) -> None:
-        """Every data-path kernel once before the NIC is reported up: over an empty
-        ring in scratch memory, and the (still down) tap, so nothing is lost."""
+        """The data-path kernel once before the NIC is reported up, over empty
+        rings in scratch memory and the (still down) tap, so nothing is lost."""
         mem = np.zeros(1 << 16, dtype=np.uint8)
         RG.ring_init(mem, 0, 16384)
+        RG.ring_init(mem, 32768, 16384)
         RG.ring_begin_read(mem, 0, 16384)
         RG.ring_end_read(mem, 0, 16384)
-        rs = np.zeros(2, dtype=np.int64)
-        netvsc_reclaim(mem, 0, 16384, rs, self.desc, self.free, self.nfree, self.busy,
-                       np.zeros(1, np.int64))
-        netvsc_receive(mem, 0, 16384, rs, self.desc, self.ranges, 0, 0, self.rx.meta,
-                       self.rx.data, 0, 0, self.comp, 0, self.rxstats, self.nvsp8)
-        netvsc_transmit(mem, 0, 16384, self.tx.meta, self.tx.data, 0, 0, 0, 0, 6144,
-                        self.free, self.nfree, self.busy, self.bufs, self.nvsp,
-                        np.zeros(4, np.int64))
-        D.write_completions(mem, 0, 16384, self.comp, 0, 0, self.msg)
-        tap_read_slots(self.tapfd, self.tx.meta, self.tx.data, 0, SLOT, HEADROOM)
-        rx_plan(self.rx.meta, 0, self.plan, self.span)
-        tap_transmit(self.rx.meta, self.rx.data, self.plan, self.span, self.port_ids,
-                     self.fds, self.hdr, self.iov, self.ctr)
-
-    def _from_host(self) -> int:
-        """Completions, received frames, then whatever the control path takes."""
-        nic, mem = self.nic, self.ram.mem
-        base, ds = nic.inr.base, nic.inr.datasize
-        moved = 0
-        for _ in range(64):
-            start = RG.ring_read_pos(mem, base, ds)
-            if start < 0:
-                raise RuntimeError(f"the host's ring is corrupt ({start})")
-            self.rs[0] = start
-            got = netvsc_reclaim(mem, base, ds, self.rs, self.desc, self.free, self.nfree,
-                                 self.busy, self.gpa_done)
-            n, _, self.ncomp, why = netvsc_receive(mem, base, ds, self.rs, self.desc,
-                                                   self.ranges, nic.recv_gpa, nic.recv_size,
-                                                   self.rx.meta, self.rx.data, 0, 0, self.comp,
-                                                   self.ncomp, self.rxstats, self.nvsp8)
-            if self.rs[0] != start:
-                if RG.ring_read_commit(mem, base, ds, self.rs[0], start) == 1:
-                    os.eventfd_write(nic.signal, 1)
-            if n:
-                rx_plan(self.rx.meta, n, self.plan, self.span)
-                tap_transmit(self.rx.meta, self.rx.data, self.plan, self.span, self.port_ids,
-                             self.fds, self.hdr, self.iov, self.ctr)
-            self._complete()
-            moved += got + n
-            if why < 0:
-                raise RuntimeError(f"the host's ring is corrupt ({why})")
-            if why == RX_CONTROL and got == 0 and n == 0:
-                nic.handle_one()         # neither a completion nor a frame: control
-                moved += 1
-            elif got == 0 and n == 0 and why == RX_OK:
-                break
-        return moved
-
-    def _complete(self) -> None:
-        if not self.ncomp:
-            return
-        out = self.nic.out
-        w, sig = D.write_completions(self.ram.mem, out.base, out.datasize, self.comp, 0,
-                                     self.ncomp, self.msg)
-        if w:
-            self.comp[:self.ncomp - w] = self.comp[w:self.ncomp]
-            self.ncomp -= w
-        if sig:
-            os.eventfd_write(self.nic.signal, 1)
-
-    def _to_host(self) -> int:
-        if self.txstats[1] > self.gpa_done[0]:
-            return 0                     # the arena still holds frames the host reads
-        n = tap_read_slots(self.tapfd, self.tx.meta, self.tx.data, TX_SLOTS, SLOT, HEADROOM)
-        start = 0
-        nic = self.nic
-        while start < n:
-            nxt, sig = netvsc_transmit(self.ram.mem, nic.out.base, nic.out.datasize,
-                                       self.tx.meta, self.tx.data, self.tx_gpa, n, start,
-                                       nic.send_gpa, nic.send_section_size, self.free,
-                                       self.nfree, self.busy, self.bufs, self.nvsp,
-                                       self.txstats)
-            if sig:                      # the ring was empty and the host unmasked (a.4.6)
-                os.eventfd_write(nic.signal, 1)
-            if nxt == start:
-                self._from_host()        # the ring or the sections are full: make room
-                select.select([nic.interrupt], [], [], 0.001)
-            start = nxt
-        return n
+        geo = self.geo.copy()
+        geo[G_IN:G_OUT_DS + 1] = (0, 16384, 32768, 16384)
+        geo[G_RECV:G_TX + 1] = 0
+        geo[G_SIGNAL] = -1                   # nothing to ring
+        driver_poll(mem, geo, np.zeros(NST, np.int64), *self.arrays)
 
     def run(self) -> None:
         """NAPI's shape: woken by the tap or the host's interrupt, the host's
@@ -217,18 +243,25 @@ class Driver:
         ep = select.epoll()
         ep.register(self.tapfd, select.EPOLLIN)
         ep.register(self.nic.interrupt, select.EPOLLIN)
-        mem, inr = self.ram.mem, self.nic.inr
+        mem, inr, nic = self.ram.mem, self.nic.inr, self.nic
         while True:
             for fd, _ in ep.poll(1.0):
-                if fd == self.nic.interrupt:
+                if fd == nic.interrupt:
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         pass
             RG.ring_begin_read(mem, inr.base, inr.datasize)
             while True:
-                while self._from_host() + self._to_host():
-                    pass
+                _, why = self.poll()
+                if why == CONTROL:
+                    nic.handle_one()         # neither a completion nor a frame
+                    continue
+                if why == BLOCKED:
+                    select.select([nic.interrupt], [], [], 0.001)
+                    continue
+                if why < 0:
+                    raise RuntimeError(f"the host's ring is corrupt ({why})")
                 left = RG.ring_end_read(mem, inr.base, inr.datasize)
                 if left < 0:
                     raise RuntimeError(f"the host's ring is corrupt ({left})")

@@ -82,10 +82,9 @@ class SyntheticPorts(PortKind):
         self._data: dict[int, _ChannelData] = {}   # port id -> the open channel's arrays
         self._bad: dict[int, np.ndarray] = {}      # port id -> data-path drops (D.BAD_*)
         self._stats: dict[int, np.ndarray] = {}    # port id -> toward the guest (D.S_*)
-        # While frames flow, the system calls that only matter to an idle switch
-        # (the VMBus message ports, taking doorbell counts) are skipped: a doorbell
+        # System calls on descriptors the switch's epoll did not report (VMBus
+        # message ports, doorbell counts) are skipped while frames flow: a doorbell
         # left readable only makes the next epoll return at once.
-        self._busy = False
         self._pumped = 0.0
 
     def attach(self, port, device, server=None) -> None:
@@ -172,10 +171,15 @@ class SyntheticPorts(PortKind):
         return cd
 
     def receive(self, batch) -> int:
+        # A VMBus message port is read when the switch's epoll found it readable,
+        # and at least every PUMP_EVERY_S while frames keep the switch from sleeping.
         now = time.monotonic()
-        if not self._busy or now - self._pumped >= PUMP_EVERY_S:
+        ready = None if self.switch is None else self.switch.ready_fds
+        due = now - self._pumped >= PUMP_EVERY_S
+        if due:
             self._pumped = now
-            for srv in self.servers.values():
+        for srv in self.servers.values():
+            if due or ready is None or srv.port.fileno() in ready:
                 srv.pump()
         n, cursor = 0, 0
         for pid in self.port_ids.tolist():
@@ -185,8 +189,9 @@ class SyntheticPorts(PortKind):
                 dev.poll()                       # the control path alone (bring-up)
                 continue
             nc = cd.nc
-            if nc.ch.signal is not None and not self._busy:
-                nc.ch.signal.take()      # before reading the ring, so no ring is missed
+            sig = nc.ch.signal
+            if sig is not None and (ready is None or sig.fd in ready):
+                sig.take()               # before reading the ring, so no ring is missed
             base, ds = cd.in_ring
             for _ in range(CONTROL_STEPS):
                 start = RG.ring_read_pos(cd.mem, base, ds)
@@ -213,7 +218,6 @@ class SyntheticPorts(PortKind):
             if cd.nc.closed:
                 self._data.pop(pid, None)
         batch.cursor = cursor
-        self._busy = n > 0
         return n
 
     def _complete(self, cd: _ChannelData) -> None:

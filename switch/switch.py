@@ -131,6 +131,9 @@ class _Installed:
         self.ext, self.enabled, self.seq, self.slot = ext, enabled, seq, slot
 
 
+_NO_FDS: frozenset[int] = frozenset()
+
+
 class Switch:
     def __init__(self, name: str = "vswitch", max_ports: int = 64,
                  batch_capacity: int = CAPACITY, max_dest: int | None = None,
@@ -170,6 +173,10 @@ class Switch:
         self._depth = 0
         self._raise_later: list[Exception] = []
         self._dp_lock = threading.RLock()
+        # Inside ``Switch.run``: the descriptors its last epoll found readable, for
+        # the poll right after it (empty for the polls after that), so a kind may
+        # skip system calls on the others. None outside run: nothing is known.
+        self.ready_fds: set[int] | None = None
         self._rx = self.new_batch()
         self._rebuild()
 
@@ -537,8 +544,11 @@ class Switch:
         waited: set[int] = set()
         last_age = time.monotonic()
         try:
+            self.ready_fds = set()
             while not stop.is_set():
-                if self.poll():
+                moved = self.poll()
+                self.ready_fds = _NO_FDS
+                if moved:
                     continue
                 per_kind = [k.fds() for k in self.kinds]
                 fds = {fd for kfds in per_kind for fd in kfds}
@@ -551,11 +561,13 @@ class Switch:
                         pass               # closed already
                 waited = fds
                 pollable = any(not kfds for kfds in per_kind)
-                ep.poll(0.001 if pollable or not fds else idle_wait_s)
+                self.ready_fds = {fd for fd, _ in
+                                  ep.poll(0.001 if pollable or not fds else idle_wait_s)}
                 if time.monotonic() - last_age > age_every_s:
                     self.age()
                     last_age = time.monotonic()
         finally:
+            self.ready_fds = None
             ep.close()
 
     def age(self) -> int:

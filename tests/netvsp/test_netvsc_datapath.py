@@ -7,7 +7,7 @@ import pytest
 from scapy.all import IP, IPv6, TCP, UDP, Ether, raw
 
 from netvsp.datapath import ReceiveBuffer, C_ID, DRAINED, NBAD, netvsp_ingress, write_completions
-from netvsp.netvsc_datapath import GPA_ID, netvsc_reclaim, netvsc_transmit
+from netvsp.netvsc_datapath import GPA_ID, netvsc_reclaim, netvsc_transmit, rx_scratch
 from netvsp.vmbus import ring as RG
 from switch.gso import finish_checksum
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
@@ -78,11 +78,11 @@ def test_small_and_large_frames_cross_with_their_offloads():
     RG.Ring(mem, out, RDS).init()
     write_completions(mem, out, RDS, comp, 0, ncomp, np.zeros(8, np.uint8))
     write_completions(mem, out, RDS, comp, 0, 1, np.zeros(8, np.uint8))   # one twice
-    gpa_done = np.zeros(1, dtype=np.int64)
+    gpa_done = np.zeros(4, dtype=np.int64)
     rs = np.array([RG.ring_read_pos(mem, out, RDS), 0], dtype=np.int64)
     got = netvsc_reclaim(mem, out, RDS, rs, np.zeros(RG.DESC_FIELDS, np.int64), free, nfree,
                          busy, gpa_done)
-    assert got == 4 and nfree[0] == NSEC and gpa_done[0] == 1 and not busy.any()
+    assert got == 4 and nfree[0] == NSEC and gpa_done.tolist() == [0, 0, 1, 0] and not busy.any()
 
 
 def test_ring_full_stops_and_the_rest_goes_next_time():
@@ -143,7 +143,7 @@ def test_host_egress_to_guest_receive_round_trip():
     n, cursor, ncomp, why = netvsc_receive(mem, out, RDS, rs, np.zeros(RG.DESC_FIELDS,
                                            np.int64), np.zeros((562, 2), np.int64), rb.gpa,
                                            100 * 1806, g.meta, g.data, 0, 0, comp, 0, gst,
-                                           np.zeros(8, np.uint8))
+                                           np.zeros(8, np.uint8), -1, *rx_scratch())
     assert (n, ncomp, why) == (5, 1, RX_OK) and not gst.any()
     got = [bytes(g.data[g.meta[OFF, i]:g.meta[OFF, i] + g.meta[LEN, i]]) for i in range(5)]
     assert got[1:] == frames[1:]
@@ -199,7 +199,7 @@ def test_rsc_super_packet_arrives_whole(offload):
     n, _, ncomp, why = netvsc_receive(mem, out, RDS, rs, np.zeros(RG.DESC_FIELDS, np.int64),
                                       np.zeros((562, 2), np.int64), rb.gpa, 200 * 1806,
                                       g.meta, g.data, 0, 0, comp, 0, gst,
-                                      np.zeros(8, np.uint8))
+                                      np.zeros(8, np.uint8), -1, *rx_scratch())
     assert (n, ncomp, why) == (1, 1, RX_OK) and not gst.any(), (gst.tolist(), comp[0].tolist())
     got = bytes(g.data[g.meta[OFF, 0]:g.meta[OFF, 0] + g.meta[LEN, 0]])
     assert len(got) == len(big) and got[54:] == payload
@@ -251,3 +251,70 @@ def test_verified_checksum_left_alone_where_it_cannot_be_placed(pkt):
     _verified_to_partial(b.meta, b.data, 0)
     assert b.meta[FLAGS, 0] & F_CSUM_VALID and not b.meta[FLAGS, 0] & F_CSUM_PARTIAL
     assert bytes(b.data[64:64 + len(f)]) == f
+
+
+def test_direct_mode_writes_each_frame_to_the_tap_from_the_receive_buffer():
+    """The driver's mode: frames go from the receive buffer to the tap descriptor,
+    one writev() each (here a datagram socket stands in for the tap, so each
+    write reads back whole): virtio header first, a tag back inline with the
+    checksum start moved past it, RSC fragments joined, and the packet completed
+    after its frames were written."""
+    import socket
+
+    from scapy.all import Dot1Q
+    from netvsp.datapath import NSTATS, netvsp_egress
+    from netvsp.netvsc_datapath import RX_OK, netvsc_receive
+    from switch.batch import D_TAGGED, F_CSUM_VALID
+    from switch.parse import parse_batch
+    mem = np.zeros(RAM, dtype=np.uint8)
+    out = RING + 4096 + RDS
+    RG.Ring(mem, out, RDS).init()
+    rb = ReceiveBuffer(0x500000, 200 * 1806, 1806)
+    h = PacketBatch(4, arena=1 << 18)
+    small = raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=5, dport=6) / bytes(100))
+    big = raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+              / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=7, dport=8)
+              / bytes((k * 13) & 0xFF for k in range(30000)))
+    put(h, 0, small, 0, FLAGS=F_CSUM_VALID)
+    put(h, 1, big, 4096, FLAGS=F_CSUM_PARTIAL, CSUM_START=34, CSUM_OFF=16, GSO_TYPE=GSO_TCPV4,
+        GSO_SIZE=1448)
+    parse_batch(h.meta, h.data, 0, 2)
+    plan = np.array([[0, 1], [2 | D_TAGGED | ((2 << 13 | 42) << 48), 2]], dtype=np.int64)
+    netvsp_egress(h.meta, h.data, plan, 0, 2, mem, out, RDS, rb.gpa, rb.sub_size, rb.free,
+                  rb.nfree, rb.chain, rb.head, np.zeros((375, 2), np.int64),
+                  np.zeros(16, np.uint8), np.zeros(1 << 17, np.uint8), np.zeros(64, np.int64),
+                  np.zeros(NSTATS, np.int64), True, np.zeros((h.meta.shape[0], 9), np.int64),
+                  np.zeros(1, np.int64))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        g = PacketBatch(1, arena=64)
+        rs = np.array([RG.ring_read_pos(mem, out, RDS), 0], dtype=np.int64)
+        comp = np.zeros((8, 2), dtype=np.int64)
+        gst = np.zeros(8, dtype=np.int64)
+        n, _, ncomp, why = netvsc_receive(mem, out, RDS, rs, np.zeros(RG.DESC_FIELDS, np.int64),
+                                          np.zeros((562, 2), np.int64), rb.gpa, 200 * 1806,
+                                          g.meta, g.data, 0, 0, comp, 0, gst,
+                                          np.zeros(8, np.uint8), a.fileno(), *rx_scratch())
+        assert (n, why) == (2, RX_OK) and not gst.any() and ncomp >= 1
+        assert all(comp[k, 1] == 1 for k in range(ncomp))        # completed as SUCCESS
+        got = [b.recv(1 << 17) for _ in range(2)]
+    finally:
+        a.close()
+        b.close()
+    # the small UDP frame, tagged: NEEDS_CSUM from just past the tag
+    hdr, f = got[0][:10], got[0][10:]
+    assert hdr[0] == 1 and int.from_bytes(hdr[6:8], "little") == 38 and hdr[8] == 6
+    e = Ether(f)
+    assert e[Dot1Q].vlan == 42 and e[Dot1Q].prio == 2
+    assert raw(e[IP])[:20] == small[14:34] and bytes(e[UDP].payload) == bytes(100)
+    # the super-packet: whole, partial from byte 34; finishing the sum gives scapy's
+    hdr, f = got[1][:10], got[1][10:]
+    assert hdr[0] == 1 and int.from_bytes(hdr[6:8], "little") == 34 and hdr[8] == 16
+    assert len(f) == len(big) and f[54:] == big[54:]
+    fb = PacketBatch(1, arena=1 << 16)
+    put(fb, 0, f, 0, FLAGS=F_CSUM_PARTIAL, CSUM_START=34, CSUM_OFF=16)
+    assert finish_checksum(fb.meta, fb.data, 0)
+    assert bytes(fb.data[:len(big)]) == big

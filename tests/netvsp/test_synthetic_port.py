@@ -13,7 +13,7 @@ from scapy.all import IP, TCP, UDP, Ether, raw
 from hypervisor.partition import GuestMemory
 from hypervisor.synic import MessagePort
 from netvsp.netvsc import Netvsc
-from netvsp.netvsc_datapath import HEADROOM, netvsc_receive, netvsc_transmit
+from netvsp.netvsc_datapath import HEADROOM, netvsc_receive, netvsc_transmit, rx_scratch
 from netvsp.netvsp import NetvspDevice
 from netvsp.synthetic_port import SyntheticPorts
 from netvsp.vmbus import ring as RG
@@ -148,7 +148,7 @@ def test_peer_frames_reach_the_guest_receive_buffer(vm):
                                       np.zeros(RG.DESC_FIELDS, np.int64),
                                       np.zeros((562, 2), np.int64), nic.recv_gpa, nic.recv_size,
                                       g.meta, g.data, 0, 0, comp, 0, np.zeros(8, np.int64),
-                                      np.zeros(8, np.uint8))
+                                      np.zeros(8, np.uint8), -1, *rx_scratch())
         got.extend(bytes(g.data[g.meta[OFF, i]:g.meta[OFF, i] + g.meta[LEN, i]])
                    for i in range(n))
         return len(got) >= 5

@@ -537,7 +537,8 @@ class Switch:
 
     def run(self, stop, idle_wait_s: float = 0.05, age_every_s: float = 10.0) -> None:
         """The data-path loop: poll every port kind; when none had anything, sleep in
-        epoll on their descriptors (kinds without any are polled every millisecond).
+        epoll on their descriptors (kinds with ports but no descriptors are polled
+        every millisecond).
         Returns when the ``stop`` event is set."""
         import select
         ep = select.epoll()
@@ -560,9 +561,11 @@ class Switch:
                     except (OSError, ValueError):
                         pass               # closed already
                 waited = fds
-                pollable = any(not kfds for kfds in per_kind)
+                # a kind with ports but nothing to wait on is polled every millisecond
+                pollable = any(not kfds and k.port_ids.size
+                               for k, kfds in zip(self.kinds, per_kind))
                 self.ready_fds = {fd for fd, _ in
-                                  ep.poll(0.001 if pollable or not fds else idle_wait_s)}
+                                  ep.poll(0.001 if pollable else idle_wait_s)}
                 if time.monotonic() - last_age > age_every_s:
                     self.age()
                     last_age = time.monotonic()

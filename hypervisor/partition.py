@@ -5,7 +5,8 @@ What the seed calls the hypervisor, as far as a VM's network devices need it
 
 - **Guest RAM** is a memfd the host creates and maps; a guest physical address
   (GPA) is an offset in it. The guest process maps the same memfd, received over
-  the control channel. The host reaches guest memory only through ``GuestMemory``
+  the control channel, sealed against shrinking (a guest's ftruncate would
+  otherwise turn the host's next access into a SIGBUS). The host reaches guest memory only through ``GuestMemory``
   and kernels that check every (GPA, length) with ``gpa_ok`` first.
 - **Doorbells and interrupts** are eventfds: the guest rings a doorbell (a VM exit
   for "signal the host" in the real thing: HvSignalEvent, an MMIO write), the host
@@ -19,6 +20,7 @@ What the seed calls the hypervisor, as far as a VM's network devices need it
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
@@ -55,8 +57,11 @@ class GuestMemory:
         if size <= 0 or size % PAGE:
             raise ValueError(f"guest RAM of {size} bytes: a positive multiple of {PAGE}")
         if fd is None:
-            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(fd, size)
+            # The guest gets this fd: sealed so it cannot shrink the file under the
+            # host's mapping (a SIGBUS in the host on its next access) nor unseal it.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
         elif os.fstat(fd).st_size < size:
             raise GuestMemoryError(f"the memfd holds {os.fstat(fd).st_size} bytes, "
                                    f"not the {size} announced")

@@ -61,25 +61,32 @@ _TX_V4, _TX_V6, _TX_TCP, _TX_UDP = (R.CSUM_TX_IS_IPV4, R.CSUM_TX_IS_IPV6, R.CSUM
                                     R.CSUM_TX_UDP)
 _TX_TCP_OFF_SHIFT, _TX_TCP_OFF_MASK = R.CSUM_TX_TCP_HEADER_OFFSET_SHIFT, \
     R.CSUM_TX_TCP_HEADER_OFFSET_MASK
+_LSO_MAX = R.LSO_MAX_SIZE
 _LSO_MSS, _LSO_OFF_SHIFT, _LSO_OFF_MASK, _LSO_V6 = (R.LSO_MSS_MASK, R.LSO_TCP_HEADER_OFFSET_SHIFT,
                                                     R.LSO_TCP_HEADER_OFFSET_MASK, R.LSO_IPV6)
+
+
+FRAMES_OK, FRAMES_BAD, FRAMES_FULL = 0, 1, 2
 
 
 @helper
 def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
     """The RNDIS_PACKET_MSGs of the stream data[s:s+L] as batch slots from n.
-    Returns (n, ok); ok is False if any message was malformed (the rest of the
-    stream is then skipped, as its lengths cannot be trusted)."""
+    Returns (n, status): FRAMES_BAD if a message was malformed (the rest of the
+    stream is then skipped, as its lengths cannot be trusted), FRAMES_FULL if the
+    batch filled before the stream ended (the caller takes the packet again)."""
     o = 0
-    while o < L and n < cap:
+    while o < L:
+        if n >= cap:
+            return n, FRAMES_FULL
         if L - o < _PKT_HDR:
             bad[BAD_RNDIS] += 1
-            return n, False
+            return n, FRAMES_BAD
         m = s + o
         mlen = le32(data, m + 4)
         if le32(data, m) != _RNDIS_PACKET or mlen < _PKT_HDR or mlen > L - o:
             bad[BAD_RNDIS] += 1
-            return n, False
+            return n, FRAMES_BAD
         doff = le32(data, m + _OFF_DATA)
         dlen = le32(data, m + _OFF_DLEN)
         poff = le32(data, m + _OFF_PPI)
@@ -88,7 +95,7 @@ def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
         # data and PPI areas inside the message, after the fixed body (e.4)
         if doff < _PKT_HDR - _BASE or dlen < 14 or doff > body or dlen > body - doff:
             bad[BAD_RNDIS] += 1
-            return n, False
+            return n, FRAMES_BAD
         fl = 0
         tci = 0
         cs_start = 0
@@ -98,19 +105,19 @@ def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
         if plen > 0:
             if poff < _PKT_HDR - _BASE or poff > body or plen > body - poff:
                 bad[BAD_PPI] += 1
-                return n, False
+                return n, FRAMES_BAD
             q = 0
             while q < plen:
                 e = m + _BASE + poff + q
                 if plen - q < _PPI_HDR:
                     bad[BAD_PPI] += 1
-                    return n, False
+                    return n, FRAMES_BAD
                 size = le32(data, e)
                 ptype = le32(data, e + 4)
                 pofs = le32(data, e + 8)
                 if size < _PPI_HDR or size > plen - q or pofs < _PPI_HDR or pofs > size - 4:
                     bad[BAD_PPI] += 1
-                    return n, False
+                    return n, FRAMES_BAD
                 v = le32(data, e + pofs)
                 if ptype == _CSUM:
                     tcp_off = (v >> _TX_TCP_OFF_SHIFT) & _TX_TCP_OFF_MASK
@@ -121,6 +128,9 @@ def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
                 elif ptype == _LSO:
                     mss = v & _LSO_MSS
                     tcp_off = (v >> _LSO_OFF_SHIFT) & _LSO_OFF_MASK
+                    if dlen > _LSO_MAX:
+                        bad[BAD_PPI] += 1      # over what the host advertised (e.5, e.6)
+                        return n, FRAMES_BAD
                     if mss > 0 and tcp_off >= 14:
                         gso_type = GSO_TCPV6 if v & _LSO_V6 else GSO_TCPV4
                         gso_size = mss
@@ -136,7 +146,7 @@ def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
                 q += size
         if cs_start and cs_start + cs_off + 2 > dlen:
             bad[BAD_PPI] += 1                 # a checksum place outside the frame
-            return n, False
+            return n, FRAMES_BAD
         init_packet(meta, n, m + _BASE + doff, dlen, port_id, 0)
         meta[FLAGS, n] |= fl
         meta[TCI, n] = tci
@@ -146,7 +156,7 @@ def _rndis_frames(data, s, L, meta, n, cap, port_id, bad):
         meta[GSO_SIZE, n] = gso_size
         n += 1
         o += mlen
-    return n, True
+    return n, FRAMES_OK
 
 
 @kernel
@@ -222,8 +232,14 @@ def netvsp_ingress(mem, rbase, rds, rstate, desc, pieces, nvsp,
                 ln = pieces[k, P.P_LEN]
                 copy_bytes(data, at, mem, pieces[k, P.P_GPA], ln)
                 at += ln
-            n2, ok = _rndis_frames(data, cursor, total, meta, n, cap, port_id, bad)
-            if not ok:
+            n2, fst = _rndis_frames(data, cursor, total, meta, n, cap, port_id, bad)
+            if fst == FRAMES_FULL:
+                if n > 0:
+                    return n, cursor, ncomp, BATCH_FULL    # not consumed: next batch
+                bad[BAD_RNDIS] += 1        # more messages than an empty batch holds
+                status = N.STATUS_INVALID_RNDIS_PKT
+                n2 = 0
+            elif fst == FRAMES_BAD:
                 status = N.STATUS_INVALID_RNDIS_PKT
             if n2 > n:
                 cursor = (cursor + total + ALIGN - 1) & ~(ALIGN - 1)
@@ -410,6 +426,7 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
     first = -1
     last = -1
     sig = 0
+    lim = min(MAX_RANGES, ranges.shape[0])      # ranges of one transfer-page packet
     for j in range(j0, j1):
         i = plan[0, j]
         d = plan[1, j]
@@ -446,10 +463,10 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
                 total = seglens[0]
             room = sub_size - RSC_ROOM_LESS
             nfrag = (total + room - 1) // room
-            if nfrag > MAX_RANGES or nfrag > nfree[0]:
+            if nfrag > lim or nfrag > nfree[0]:
                 stats[S_NO_BUFFER] += 1
                 continue
-            if nr + nfrag > MAX_RANGES:
+            if nr + nfrag > lim:
                 # the fragments of one packet travel in one transfer-page packet
                 sig |= _send(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats,
                              free_subs, nfree)
@@ -487,16 +504,17 @@ def netvsp_egress(meta, data, plan, j0, j1, mem, wbase, wds, rbuf_gpa, sub_size,
             if nfree[0] == 0:
                 stats[S_NO_BUFFER] += nseg - k
                 break
-            nr, first, last = _lend(mem, rbuf_gpa, sub_size, meta, i, d, src, soff, sl,
-                                    csum_ok, 0, 0, free_subs, nfree, chain, ranges, nr,
-                                    first, last)
-            soff += sl
-            if nr == MAX_RANGES:
+            if nr >= lim:
+                # full (whatever filled it: coalesced fragments too): send it first
                 sig |= _send(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats,
                              free_subs, nfree)
                 nr = 0
                 first = -1
                 last = -1
+            nr, first, last = _lend(mem, rbuf_gpa, sub_size, meta, i, d, src, soff, sl,
+                                    csum_ok, 0, 0, free_subs, nfree, chain, ranges, nr,
+                                    first, last)
+            soff += sl
     if nr:
         sig |= _send(mem, wbase, wds, ranges, nr, chain, head, first, nvsp, stats,
                      free_subs, nfree)

@@ -270,6 +270,27 @@ class Driver:
                 RG.ring_begin_read(mem, inr.base, inr.datasize)
 
 
+def _limit_gso(ifname: str, caps: bytes) -> None:
+    """Linux's netvsc caps its TSO size at the host's LSO maximum (the NDIS_OFFLOAD
+    answer, e.6; rndis_netdev_set_hwcaps: netif_set_tso_max_size); the tap takes
+    the same cap as its gso_max_size, so its stack never hands us larger frames,
+    which NetVSP refuses (e.5)."""
+    from pyroute2 import IPRoute
+
+    from .layout import decode as decode_struct
+    from . import rndis as R
+    if len(caps) < R.NDIS_OFFLOAD.itemsize:
+        return
+    o = decode_struct(R.NDIS_OFFLOAD, caps)
+    size = min(int(o["lsov2_ip4_maxsz"]), int(o["lsov2_ip6_maxsz"]))
+    if size <= 0:
+        return
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if idx:
+            ipr.link("set", index=idx[0], gso_max_size=min(size, 65536))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m netvsp.netvsc_driver")
     ap.add_argument("--ctl", type=int, required=True)
@@ -290,6 +311,7 @@ def main(argv=None) -> int:
                  recv_sections=int(msg.get("recv_sections", N.DEFAULT_RX)), timeout=60)
     link = nic.bring_up()
     tapfd = open_tap(a.ifname)
+    _limit_gso(a.ifname, link.offload_caps)
     # The tap's carrier follows the host's link indications (e.8), as Linux's
     # netvsc turns its netdev's carrier on and off.
     set_carrier(tapfd, link.connected)

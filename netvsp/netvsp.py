@@ -117,7 +117,7 @@ MAXIMUM_SEND_PACKETS = 0xFFFFFFFF
 FRIENDLY_NAME = "Network Device"         # in a 512-byte buffer (e.3 step 4)
 FRIENDLY_NAME_BYTES = 512
 MULTICAST_LIST_MAX = 32                  # our choice: OpenVMM answers 0 and takes no list
-LSO_MAX_SIZE = 0xF53C - 1                # e.5: OpenVMM counts LSO frames >= 0xF53C invalid
+LSO_MAX_SIZE = R.LSO_MAX_SIZE
 LSO_MIN_SEGMENTS = 2
 
 # e.7: the keywords OpenVMM understands in OID_GEN_RNDIS_CONFIG_PARAMETER; the
@@ -986,7 +986,7 @@ class NetvspChannel:
             self.mac = mac
             return R.STATUS_SUCCESS
         if name in _CSUM_KEYWORDS or name in _LSO_KEYWORDS:
-            if not value.isdigit() or int(value) > 3:
+            if not (value.isascii() and value.isdigit()) or int(value) > 3:
                 return R.STATUS_INVALID_DATA
             v = int(value)
             if name in _CSUM_KEYWORDS:

@@ -212,6 +212,7 @@ CSUM_RX_IP_VALUE_INVALID = 1 << 8
 # LSO v2 transmit. The reference defines only the transmit view (LSO PPIs are
 # TX only, e.5); there is no receive/"complete" layout to declare.
 LSO_MSS_MASK = 0xFFFFF                    # bits 0-19
+LSO_MAX_SIZE = 0xF53C - 1       # e.5, e.6: what NetVSP advertises; OpenVMM refuses >= 0xF53C
 LSO_TCP_HEADER_OFFSET_SHIFT = 20
 LSO_TCP_HEADER_OFFSET_MASK = 0x3FF        # bits 20-29
 LSO_TYPE_V2 = 1 << 30

@@ -60,16 +60,23 @@ class _ChannelData:
         self.ranges = np.zeros((D.MAX_RANGES, 2), dtype=np.int64)
         self.scratch = np.zeros(65536 + MAX_SEGMENTS * 256, dtype=np.uint8)
         self.seglens = np.zeros(MAX_SEGMENTS, dtype=np.int64)
-        rb = nc.recv_buf
+        rb = self.rb = nc.recv_buf
         self.rx = D.ReceiveBuffer(rb.gpa, rb.size, rb.sub_alloc_size, reserved=rb.data_first)
-        sb = nc.send_buf
-        self.sbuf = (sb.gpa, sb.size, sb.section_size) if sb is not None else (0, 0, 0)
+        self.set_send_buffer(nc.send_buf)
+        # A receive completion the control path meets (it reads the ring when a
+        # GPADL goes away, d.5) frees the data path's sub-allocations.
+        nc.rx_completion_handler = lambda ch, tid, status: bool(
+            D.receive_completed(tid, *self.rx.arrays()))
         # Receive coalescing toward the guest: Linux asks for it at NVSP 6.1 (d.5).
         cfg = nc.ndis_config
         self.rsc = nc.version is not None and nc.version >= N.VERSION_61 and \
             cfg is not None and bool(cfg[1] & N.CAP_RSC)
         self.smeta = None                 # made on first use, shaped like the batch's meta
         self.pkt_id = np.zeros(1, dtype=np.int64)
+
+    def set_send_buffer(self, sb) -> None:
+        self.sb = sb
+        self.sbuf = (sb.gpa, sb.size, sb.section_size) if sb is not None else (0, 0, 0)
 
 
 class SyntheticPorts(PortKind):
@@ -153,19 +160,24 @@ class SyntheticPorts(PortKind):
                 + [srv.port.fileno() for srv in self.servers.values()])
 
     def _channel_data(self, pid: int):
-        """The data path's view of the port's channel, (re)made when the channel
-        opened, or None while it is not ready for data."""
+        """The data path's view of the port's channel, or None while the channel is
+        not ready for data: it takes the channel only while NVSP is ready (not
+        revoked, d.5), RNDIS initialized (not halted) and its buffers are granted;
+        made again for a new receive buffer, told of a send buffer that came late."""
         dev = self.devices[pid]
         nc = dev.channel
         cd = self._data.get(pid)
-        if nc is None or nc.closed:
-            self._data.pop(pid, None)
+        if nc is None or nc.closed or nc.state != "ready" or \
+                nc.rndis_state != "initialized" or nc.recv_buf is None or \
+                nc.recv_buf.gpa is None or (nc.send_buf is not None and nc.send_buf.gpa is None):
+            if cd is not None:
+                cd.nc.rx_completion_handler = None
+                self._data.pop(pid, None)
             return None
-        if cd is not None and cd.nc is nc:
+        if cd is not None and cd.nc is nc and cd.rb is nc.recv_buf:
+            if cd.sb is not nc.send_buf:
+                cd.set_send_buffer(nc.send_buf)
             return cd
-        if nc.state != "ready" or nc.recv_buf is None or nc.recv_buf.gpa is None or \
-                (nc.send_buf is not None and nc.send_buf.gpa is None):
-            return None
         cd = _ChannelData(nc, self._bad[pid], self._stats[pid])
         self._data[pid] = cd
         return cd
@@ -243,6 +255,13 @@ class SyntheticPorts(PortKind):
                 ctr[pid, C.TX_PKTS] -= j1 - j0
                 ctr[pid, C.DROP_OUT] += j1 - j0
                 ctr[pid, C.DROP_OUT_BASE + C.DEST_NOT_CONNECTED] += j1 - j0
+                continue
+            if cd.nc.packet_filter == 0:
+                # the guest takes nothing (f.1, e.3: Linux sets 0 when its interface
+                # goes down); what was counted delivered was dropped
+                ctr[pid, C.TX_PKTS] -= j1 - j0
+                ctr[pid, C.DROP_OUT] += j1 - j0
+                ctr[pid, C.DROP_OUT_BASE + C.NIC_FILTER] += j1 - j0
                 continue
             base, ds = cd.out_ring
             if cd.smeta is None or cd.smeta.shape[0] != batch.meta.shape[0]:

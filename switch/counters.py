@@ -35,6 +35,7 @@ DEST_NOT_CONNECTED = 17
 MTU = 18
 STORM = 19
 GSO_FAILED = 20
+NIC_FILTER = 21
 
 BUILTIN_REASONS = {
     RUNT: "malformed: shorter than an Ethernet header or truncated tag",
@@ -57,6 +58,7 @@ BUILTIN_REASONS = {
     MTU: "frame exceeds the destination port's MTU",
     STORM: "storm limit: broadcast/multicast over the per-second cap",
     GSO_FAILED: "could not segment for a port without offloads (bad GSO state)",
+    NIC_FILTER: "the destination NIC's packet filter takes nothing",
 }
 
 # Per-port counter columns

@@ -134,7 +134,7 @@ class AclRule:
         if not 0 <= int(self.weight) <= 65535:
             raise ValueError(f"ACL weight {self.weight} out of range 0..65535")
         p = self.protocol
-        if isinstance(p, str) and p.lower() not in _PROTOS and not p.isdigit():
+        if isinstance(p, str) and p.lower() not in _PROTOS and not (p.isascii() and p.isdigit()):
             raise ValueError(f"ACL protocol {p!r}: expected tcp, udp, icmp, icmpv6, any "
                              "or a number")
         self.row()  # validates addresses and ports

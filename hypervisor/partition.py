@@ -96,6 +96,22 @@ class GuestMemory:
         os.close(self.fd)
 
 
+class GuestPages:
+    """The guest's own memory map: a bump allocator over guest RAM from ``start``
+    (page 0 left unused, as a kernel leaves it), for rings and buffers."""
+
+    def __init__(self, size: int, start: int = PAGE):
+        self.size, self.next = size, start
+
+    def alloc(self, nbytes: int) -> int:
+        n = -(-nbytes // PAGE) * PAGE
+        if self.next + n > self.size:
+            raise GuestMemoryError(f"guest RAM exhausted: {nbytes} bytes wanted, "
+                                   f"{self.size - self.next} left")
+        gpa, self.next = self.next, self.next + n
+        return gpa
+
+
 class Doorbell:
     """An eventfd: ``ring()`` from one side, ``fd`` in the other side's epoll.
     ``take()`` returns how many rings arrived since the last take (0 if none)."""

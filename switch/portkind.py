@@ -40,6 +40,12 @@ class PortKind:
         state and its own drop reasons), for ``Switch.stats``; None if nothing."""
         return None
 
+    def deadline(self) -> float | None:
+        """When (time.monotonic()) the kind next needs a poll although no descriptor
+        of it becomes readable (a device timer); None if never. The switch's idle
+        wait ends by then."""
+        return None
+
     def warm(self) -> None:
         """Compile (or load) kernels the kind runs only once traffic flows, so the
         first packets do not wait for numba (Switch.warm calls it)."""

@@ -561,11 +561,15 @@ class Switch:
                     except (OSError, ValueError):
                         pass               # closed already
                 waited = fds
-                # a kind with ports but nothing to wait on is polled every millisecond
+                # a kind with ports but nothing to wait on is polled every millisecond;
+                # a kind's timer (deadline) ends the wait too
                 pollable = any(not kfds and k.port_ids.size
                                for k, kfds in zip(self.kinds, per_kind))
-                self.ready_fds = {fd for fd, _ in
-                                  ep.poll(0.001 if pollable else idle_wait_s)}
+                wait = 0.001 if pollable else idle_wait_s
+                due = [t for t in (k.deadline() for k in self.kinds) if t is not None]
+                if due:
+                    wait = max(0.0, min(wait, min(due) - time.monotonic()))
+                self.ready_fds = {fd for fd, _ in ep.poll(wait)}
                 if time.monotonic() - last_age > age_every_s:
                     self.age()
                     last_age = time.monotonic()

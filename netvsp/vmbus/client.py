@@ -17,6 +17,7 @@ import select
 import time
 import uuid
 
+from hypervisor.partition import GuestPages  # noqa: F401 - the guest's allocator, used with the client
 from hypervisor.synic import MessagePort
 
 from . import channel_msg as M
@@ -27,21 +28,6 @@ FIRST_GPADL = 0xE1E10
 
 class VmbusClientError(RuntimeError):
     pass
-
-
-class GuestPages:
-    """A bump allocator over guest RAM from ``start`` (the guest's own memory map)."""
-
-    def __init__(self, size: int, start: int = PAGE):
-        self.size, self.next = size, start
-
-    def alloc(self, nbytes: int) -> int:
-        n = -(-nbytes // PAGE) * PAGE
-        if self.next + n > self.size:
-            raise VmbusClientError(f"guest RAM exhausted: {nbytes} bytes wanted, "
-                                   f"{self.size - self.next} left")
-        gpa, self.next = self.next, self.next + n
-        return gpa
 
 
 class VmbusClient:

@@ -89,20 +89,23 @@ class TapNic(VmNic):
                                self.ifname, ps)
 
 
-class SyntheticNic(VmNic):
-    """NIC kind ``synthetic``: a partition (guest RAM, the SynIC message port, a
-    VMBus server) with a NetVSP device on the host, and the NetVSC driver process
-    in the VM's namespace owning its tap (netvsp.netvsc_driver)."""
+class PartitionNic(VmNic):
+    """A NIC whose guest side is a driver process in the VM's namespace, over a
+    partition: guest RAM (a memfd) and a control channel, the tap ``eth<k>``
+    made here and owned by the driver. Subclasses say which driver runs and
+    build the host side (``host``), the descriptors the driver gets besides
+    guest RAM, and the switch port."""
     RAM = 64 << 20
+    DRIVER = ""              # the guest driver's module
+    WHAT = ""                # how it is named in messages and the run directory
+    PORT_TYPE = ""
+    kind_of: str = ""        # the Runtime attribute holding this NIC kind per switch
 
     def attach(self):
         import subprocess
         import sys
 
         from hypervisor.partition import ControlChannel, GuestMemory
-        from hypervisor.synic import MessagePort
-        from netvsp.netvsp import NetvspDevice
-        from netvsp.vmbus.server import VmbusServer
 
         from . import nsexec
         from .rundir import RunDir
@@ -113,29 +116,30 @@ class SyntheticNic(VmNic):
         for a in ps.addresses:
             rt.nn.add_address(self.ns, self.ifname, a)
         self.ram = GuestMemory(self.RAM, name=f"{self.port_name}-ram")
-        host_port, guest_port = MessagePort.pair()
-        self.server = VmbusServer(host_port, self.ram)
-        self.device = NetvspDevice(self.ram, self.server, ps.mac, mtu=ps.mtu)
+        guest_fds = self.host()
         ctl, guest_ctl = ControlChannel.pair()
-        self.proc = nsexec.popen(self.ns, [sys.executable, "-m", "netvsp.netvsc_driver",
+        self.proc = nsexec.popen(self.ns, [sys.executable, "-m", self.DRIVER,
                                            "--ctl", str(guest_ctl.fileno()),
                                            "--ifname", self.ifname],
                                  pass_fds=[guest_ctl.fileno()], stdin=subprocess.DEVNULL)
         RunDir(rt.state_dir.name, rt.state_dir.parent).record_process(
-            self.proc.pid, f"NetVSC driver of {self.port_name}")
+            self.proc.pid, f"{self.WHAT} driver of {self.port_name}")
         guest_ctl.close()
         ctl.send({"type": "attach", "ram": self.RAM, "mtu": ps.mtu},
-                 [self.ram.fd, guest_port.fileno()])
-        guest_port.close()
+                 [self.ram.fd, *[f.fileno() if hasattr(f, "fileno") else f for f in guest_fds]])
+        for f in guest_fds:
+            if hasattr(f, "close"):
+                f.close()
         self.ctl = ctl
         sw = rt.switches[self.nic.switch]
+        kind = getattr(rt, self.kind_of)[self.nic.switch]
         with sw._dp_lock:
-            port = sw.add_port(self.port_name, "synthetic", mac=ps.mac, mtu=ps.mtu,
-                               kind=rt.synthetic[self.nic.switch], properties=ps.properties())
+            port = sw.add_port(self.port_name, self.PORT_TYPE, mac=ps.mac, mtu=ps.mtu,
+                               kind=kind, properties=ps.properties())
             if port is None:
                 raise RuntimeError_(f"switch {self.nic.switch!r} refused port "
                                     f"{self.port_name!r} (an extension vetoed it)")
-            rt.synthetic[self.nic.switch].attach(port, self.device, self.server)
+            self.attach_port(kind, port)
         rt.port_switch[self.port_name] = self.nic.switch
         rt.port_ns[self.port_name] = (self.ns, self.ifname)
         rt.after_start.append(self._wait_up)
@@ -146,10 +150,10 @@ class SyntheticNic(VmNic):
         link, addresses and routes are set in the VM."""
         import select
         if not select.select([self.ctl.fileno()], [], [], 300)[0]:
-            raise RuntimeError_(f"{self.port_name}: the NetVSC driver did not come up")
+            raise RuntimeError_(f"{self.port_name}: the {self.WHAT} driver did not come up")
         got = self.ctl.recv()
         if got is None or got[0].get("type") != "up":
-            raise RuntimeError_(f"{self.port_name}: the NetVSC driver failed ({got})")
+            raise RuntimeError_(f"{self.port_name}: the {self.WHAT} driver failed ({got})")
         ps = self.nic.port
         self.rt.nn.set_up(self.ns, self.ifname)
         if ps.gateway:
@@ -161,8 +165,55 @@ class SyntheticNic(VmNic):
         self.ctl.close()
 
 
-NIC_PROVIDERS = {"tap": TapNic, "synthetic": SyntheticNic}
-NOT_YET = {"e1000": "the emulated e1000 NIC", "sriov": "SR-IOV VF passthrough"}
+class SyntheticNic(PartitionNic):
+    """NIC kind ``synthetic``: a partition with the SynIC message port and a VMBus
+    server, a NetVSP device on the host, the NetVSC driver process in the VM
+    (netvsp.netvsc_driver)."""
+    DRIVER, WHAT, PORT_TYPE, kind_of = "netvsp.netvsc_driver", "NetVSC", "synthetic", \
+        "synthetic"
+
+    def host(self):
+        from hypervisor.synic import MessagePort
+        from netvsp.netvsp import NetvspDevice
+        from netvsp.vmbus.server import VmbusServer
+        host_port, guest_port = MessagePort.pair()
+        self.server = VmbusServer(host_port, self.ram)
+        self.device = NetvspDevice(self.ram, self.server, self.nic.port.mac,
+                                   mtu=self.nic.port.mtu)
+        return [guest_port]
+
+    def attach_port(self, kind, port):
+        kind.attach(port, self.device, self.server)
+
+    def set_link(self, up: bool) -> None:
+        self.device.indicate_link(up)
+
+
+class E1000VmNic(PartitionNic):
+    """NIC kind ``e1000``: an emulated Intel 82540EM; the device model on the host
+    (netvsp.e1000), reached by intercepts, interrupting through an eventfd; the
+    e1000 guest driver process in the VM (netvsp.e1000.driver)."""
+    DRIVER, WHAT, PORT_TYPE, kind_of = "netvsp.e1000.driver", "e1000", "emulated", "emulated"
+
+    def host(self):
+        from hypervisor import intercept
+        from hypervisor.partition import Doorbell
+        from netvsp.e1000.port import E1000Nic
+        host_io, guest_io = intercept.pair()
+        self.irq = Doorbell()
+        self.device = E1000Nic(self.ram.mem, self.nic.port.mac.to_bytes(6, "big"), host_io,
+                               self.irq)
+        return [guest_io, self.irq.fd]
+
+    def attach_port(self, kind, port):
+        kind.attach(port, self.device)
+
+    def set_link(self, up: bool) -> None:
+        self.device.dev.set_link(up)      # under the switch's data-path lock (set_link)
+
+
+NIC_PROVIDERS = {"tap": TapNic, "synthetic": SyntheticNic, "e1000": E1000VmNic}
+NOT_YET = {"sriov": "SR-IOV VF passthrough"}
 
 
 def check_providers(topo: Topology, nics=None) -> None:
@@ -185,6 +236,7 @@ class Runtime:
         self.taps: dict[str, TapPorts] = {}
         self.rings: dict[str, PacketRingPorts] = {}
         self.synthetic: dict = {}
+        self.emulated: dict = {}
         self.after_start: list = []
         self.port_switch: dict[str, str] = {}        # port name -> switch name
         self.port_ns: dict[str, tuple] = {}          # port name -> (namespace, ifname)
@@ -234,8 +286,10 @@ class Runtime:
         self.switches[spec.name] = sw
         self.taps[spec.name] = sw.add_kind(TapPorts())
         self.rings[spec.name] = sw.add_kind(PacketRingPorts())
+        from netvsp.e1000.port import EmulatedPorts
         from netvsp.synthetic_port import SyntheticPorts
         self.synthetic[spec.name] = sw.add_kind(SyntheticPorts())
+        self.emulated[spec.name] = sw.add_kind(EmulatedPorts())
         for e in spec.extensions:
             mod, _, cls = e.target.partition(":")
             try:
@@ -477,7 +531,8 @@ class Runtime:
 
     def set_link(self, port_name: str, up: bool) -> str:
         """Connect or disconnect a port's cable as its NIC sees it: a synthetic NIC
-        gets an RNDIS media indication (e.8) and its driver turns the guest tap's
+        gets an RNDIS media indication (e.8), an e1000 a link status change
+        (STATUS.LU, the PHY, ICR.LSC), and their drivers turn the guest tap's
         carrier on or off; a tap port (kind ``tap``, a host vNIC) has its carrier
         set directly. Frames still cross the switch; the guest's stack stops
         sending while its carrier is off."""
@@ -486,8 +541,8 @@ class Runtime:
         prov = next((p for provs in self.nics.values() for p in provs
                      if p.port_name == port_name), None)
         with sw._dp_lock:           # the indication shares the guest's ring with egress
-            if isinstance(prov, SyntheticNic):
-                prov.device.indicate_link(up)
+            if isinstance(prov, PartitionNic):
+                prov.set_link(up)
             elif port.port_id in self.taps[sw.name]._fd_of:
                 set_carrier(self.taps[sw.name]._fd_of[port.port_id], up)
             else:

@@ -59,6 +59,7 @@ from switch.port import mac_to_int, mac_to_str
 from switch.properties import AclProperty, AclRule, SecurityProperty, VlanProperty, vlan_range
 
 NIC_KINDS = ("tap", "synthetic", "e1000", "sriov")
+E1000_MAX_MTU = 1500           # 1518-byte frames without RCTL.LPE (e1000_vfio.md A.9)
 BUILTIN_EXTENSIONS = {
     "acl-filter": "examples.acl_filter:AclFilter",
     "pcap-capture": "examples.pcap_capture:PcapCapture",
@@ -289,6 +290,9 @@ def _vm(v: _V, vm, vd, switches: dict, unique_mac) -> list[Nic]:
         kind = nd["kind"]
         if kind not in NIC_KINDS:
             v.fail(f"{nw}.kind", f"{kind!r}: expected one of {list(NIC_KINDS)}")
+        if kind == "e1000" and ps.mtu > E1000_MAX_MTU:
+            v.fail(f"{nw}.mtu", f"{ps.mtu}: the e1000 driver here uses 2048-byte receive "
+                   f"buffers, so at most {E1000_MAX_MTU}")
         unique_mac(ps.mac, f"{nw}.mac")
         if nd["switch"] not in switches:
             v.fail(f"{nw}.switch", f"no switch named {nd['switch']!r}; switches are "

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
-from pyroute2 import netns
+from pyroute2 import NetNS, netns
+
+from hvnet import nsexec
 
 RECEIVER = """
 import hashlib, socket, sys
@@ -43,3 +46,69 @@ def hvnet(env, *args, timeout=120, check=False):
 
 def ours(prefix):
     return sorted(n for n in netns.listnetns() if n.startswith(prefix + "-"))
+
+
+def ping(ns, dst, count=3, wait=2):
+    return nsexec.run(ns, ["ping", "-c", str(count), "-i", "0.2", "-W", str(wait), dst],
+                      timeout=60).returncode == 0
+
+
+def until(cond, seconds=10.0):
+    t = time.monotonic() + seconds
+    while time.monotonic() < t:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def carrier(ns, ifname="eth0"):
+    with NetNS(ns) as n:
+        return n.get_links(ifname=ifname)[0].get_attr("IFLA_CARRIER")
+
+
+class Tcp:
+    """A checked TCP transfer of ``mib`` MiB from namespace ``src`` to ``dst_ip``
+    in namespace ``dst``: ``finish`` waits for it and asserts the receiver got
+    exactly what was sent; ``stop`` ends both processes."""
+
+    def __init__(self, src, dst, dst_ip, port, mib):
+        self.mib = mib
+        self.rx = nsexec.popen(dst, [sys.executable, "-c", RECEIVER, dst_ip, str(port)],
+                               stdout=subprocess.PIPE, text=True)
+        self.tx = None
+        assert self.rx.stdout.readline().strip() == "listening"
+        self.tx = nsexec.popen(src, [sys.executable, "-c", SENDER, dst_ip, str(port), str(mib)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(self):
+        try:
+            sent, err = self.tx.communicate(timeout=240)
+            assert self.tx.returncode == 0, err
+            got, _ = self.rx.communicate(timeout=60)
+            assert sent.split() == got.split() and int(got.split()[0]) == self.mib << 20
+        finally:
+            self.stop()
+
+    def stop(self):
+        for p in (self.tx, self.rx):
+            if p is not None:
+                nsexec.stop(p)
+
+
+def iperf3(client_ns, server_ns, server_ip, port, seconds=2):
+    """One iperf3 TCP run; the parsed JSON end section."""
+    import json
+    srv = nsexec.popen(server_ns, ["iperf3", "-s", "-1", "-B", server_ip, "-p", str(port)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            r = nsexec.run(client_ns, ["iperf3", "-c", server_ip, "-p", str(port), "-t",
+                                       str(seconds), "-J"], timeout=60)
+            if r.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert r.returncode == 0, r.stdout[-500:]
+        return json.loads(r.stdout)["end"]
+    finally:
+        nsexec.stop(srv)

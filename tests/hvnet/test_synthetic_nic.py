@@ -12,22 +12,19 @@ import ctypes
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pyroute2 import NetNS
 
-from hvnet import nsexec
 from netvsp import nvsp as N
 from netvsp.netvsc import PAGE
 from netvsp.vmbus import packet as P
 from netvsp.vmbus import ring as RG
 
-from .nsutil import RECEIVER, SENDER, hvnet, ours
+from . import nsutil
+from .nsutil import hvnet, ours
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -73,38 +70,12 @@ def stats(env):
 
 
 def ping(src, dst, count=3, wait=2):
-    return nsexec.run(ns(src), ["ping", "-c", str(count), "-i", "0.2", "-W", str(wait), dst],
-                      timeout=60).returncode == 0
+    return nsutil.ping(ns(src), dst, count, wait)
 
 
-class Tcp:
-    """A checked TCP transfer of ``mib`` MiB: ``finish`` waits for it and asserts
-    the receiver got exactly what was sent; ``stop`` ends both processes."""
-
-    def __init__(self, src, dst_ip, port, mib):
-        self.mib = mib
-        self.rx = nsexec.popen(ns({"10.99.0.1": "va", "10.99.0.2": "vb"}[dst_ip]),
-                               [sys.executable, "-c", RECEIVER, dst_ip, str(port)],
-                               stdout=subprocess.PIPE, text=True)
-        self.tx = None
-        assert self.rx.stdout.readline().strip() == "listening"
-        self.tx = nsexec.popen(ns(src), [sys.executable, "-c", SENDER, dst_ip, str(port),
-                                         str(mib)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def finish(self):
-        try:
-            sent, err = self.tx.communicate(timeout=240)
-            assert self.tx.returncode == 0, err
-            got, _ = self.rx.communicate(timeout=60)
-            assert sent.split() == got.split() and int(got.split()[0]) == self.mib << 20
-        finally:
-            self.stop()
-
-    def stop(self):
-        for p in (self.tx, self.rx):
-            if p is not None:
-                nsexec.stop(p)
+def Tcp(src, dst_ip, port, mib):  # noqa: N802 - reads as the class it makes
+    return nsutil.Tcp(ns(src), ns({"10.99.0.1": "va", "10.99.0.2": "vb"}[dst_ip]), dst_ip,
+                      port, mib)
 
 
 def test_nics_come_up_with_linux_bring_up(syn):
@@ -135,34 +106,15 @@ def test_ping_ipv4_ipv6_and_tcp_with_its_data_checked(syn):
 
 
 def test_iperf3_between_synthetic_vms(syn):
-    srv = nsexec.popen(ns("vb"), ["iperf3", "-s", "-1", "-B", "10.99.0.2", "-p", "5303"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):
-            r = nsexec.run(ns("va"), ["iperf3", "-c", "10.99.0.2", "-p", "5303", "-t", "2",
-                                      "-J"], timeout=60)
-            if r.returncode == 0:
-                break
-            time.sleep(0.1)
-        assert r.returncode == 0, r.stdout[-500:]
-        end = json.loads(r.stdout)["end"]
-        assert end["sum_received"]["bytes"] > 0 and end["sum_sent"]["retransmits"] >= 0
-    finally:
-        nsexec.stop(srv)
+    end = nsutil.iperf3(ns("va"), ns("vb"), "10.99.0.2", 5303)
+    assert end["sum_received"]["bytes"] > 0
 
 
 def carrier(vm):
-    with NetNS(ns(vm)) as n:
-        return n.get_links(ifname="eth0")[0].get_attr("IFLA_CARRIER")
+    return nsutil.carrier(ns(vm))
 
 
-def until(cond, seconds=10.0):
-    t = time.monotonic() + seconds
-    while time.monotonic() < t:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
+until = nsutil.until
 
 
 def test_link_down_turns_the_guest_carrier_off_and_up_on(syn):

@@ -16,7 +16,7 @@ from scapy.all import IP, TCP, UDP, Ether, raw
 from hypervisor import intercept as I
 from hypervisor.partition import Doorbell, GuestMemory
 from netvsp.e1000 import regs as E
-from netvsp.e1000.driver import SYNC, E1000Guest
+from netvsp.e1000.driver import RX_DESCS, SYNC, E1000Guest
 from netvsp.e1000.port import E1000Nic, EmulatedPorts
 from switch.memport import MemoryPorts
 from switch.switch import Switch
@@ -61,7 +61,7 @@ class Rig:
     def close(self):
         self.stop.set()
         self.t.join(5)
-        for s in (self.tap, self.tap_guest):
+        for s in (self.tap, self.tap_guest, self.guest.io.sock):
             s.close()
 
 
@@ -95,7 +95,7 @@ def test_bring_up_as_linux_e1000_does(rig):
     assert d.resets == 2                                   # power-on, then CTRL.RST by I/O
     assert rig.nic.pci.bus_master()
     assert d[E.RCTL] & E.RCTL_EN and d[E.TCTL] & E.TCTL_EN
-    assert d[E.IMS] == E.IMS_ENABLE_MASK and d[E.RDT] == 255
+    assert d[E.IMS] == E.IMS_ENABLE_MASK and d[E.RDT] == RX_DESCS - 1
     assert rig.nic.server.malformed == 0 and d.bad_accesses == 0
     # EECD writes are synchronous (R1), so the Microwire read of 64 words costs
     # thousands of exits; the table clears (VFTA, RA, MTA) go posted, in batches

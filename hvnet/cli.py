@@ -545,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(fastpath) skip the plain-Python peer measured beside it")
     s.add_argument("--repeats", type=int, default=1, help="(switch) rounds (default 1)")
     s.add_argument("--paths", help="(switch) comma-separated: veth, bridge, tap-tap, "
-                   "synthetic, internal-uplink, internal-uplink-v3 (default: all but the "
-                   "last)")
+                   "synthetic, e1000-synthetic, synthetic-e1000, internal-uplink, "
+                   "internal-uplink-v3 (default: veth, bridge, tap-tap, synthetic, "
+                   "internal-uplink)")
     s.set_defaults(func=cmd_bench)
     return p
 

@@ -6,6 +6,8 @@ paths brought up by the real daemon (``hvnet up``):
 
 - ``hvnet tap-tap``: two VMs whose NICs are tap ports of one switch;
 - ``hvnet synthetic``: two VMs with synthetic NICs (NetVSC and NetVSP over VMBus);
+- ``hvnet e1000-synthetic`` / ``synthetic-e1000``: a VM with an emulated e1000 NIC
+  and one with a synthetic NIC, traffic from the first to the second;
 - ``hvnet internal-uplink``: the host vNIC (internal port, a tap) to a host on the
   physical network behind the uplink (AF_PACKET rings on a veth, a Linux bridge
   on the far side); ``internal-uplink-v3`` the same with TPACKET_V3 rings (not
@@ -41,6 +43,20 @@ switches: {{sw0: {{}}}}
 vms:
   a: {{nics: [{{switch: sw0, kind: synthetic, mac: "{a_mac}", addresses: [{a_ip}/24]}}]}}
   b: {{nics: [{{switch: sw0, kind: synthetic, mac: "{b_mac}", addresses: [{b_ip}/24]}}]}}
+""",
+    "e1000-synthetic": """
+name: {name}
+switches: {{sw0: {{}}}}
+vms:
+  a: {{nics: [{{switch: sw0, kind: e1000, mac: "{a_mac}", addresses: [{a_ip}/24]}}]}}
+  b: {{nics: [{{switch: sw0, kind: synthetic, mac: "{b_mac}", addresses: [{b_ip}/24]}}]}}
+""",
+    "synthetic-e1000": """
+name: {name}
+switches: {{sw0: {{}}}}
+vms:
+  a: {{nics: [{{switch: sw0, kind: synthetic, mac: "{a_mac}", addresses: [{a_ip}/24]}}]}}
+  b: {{nics: [{{switch: sw0, kind: e1000, mac: "{b_mac}", addresses: [{b_ip}/24]}}]}}
 """,
     "internal-uplink": """
 name: {name}

@@ -12,6 +12,7 @@ import pytest
 from hypervisor.partition import GuestMemory
 from hypervisor.synic import MessagePort
 from netvsp.vmbus import channel_msg as M
+from hypervisor.partition import GuestMemoryError
 from netvsp.vmbus.client import GuestPages, VmbusClient, VmbusClientError
 from netvsp.vmbus.server import VmbusServer
 
@@ -91,5 +92,5 @@ def test_refusals_reach_the_guest_as_errors(pair):
         client.open(relid, 0x1234, 2)
     with pytest.raises(VmbusClientError, match="no offer"):
         client.find(uuid.uuid4())
-    with pytest.raises(VmbusClientError, match="exhausted"):
-        GuestPages(ram.size).alloc(ram.size)
+    with pytest.raises(GuestMemoryError, match="exhausted"):
+        GuestPages(ram.size).alloc(ram.size)          # the guest's own memory map

@@ -11,10 +11,9 @@ Per batch, for each NIC: the intercepts waiting are applied in order (a TDT or
 TCTL write marks the transmit ring due), the device's timers run (a restarted
 autonegotiation completing), then the transmit engine fills the switch batch;
 deliveries go through the receive engine. Interrupt causes raise the line;
-a rising line interrupts the guest (eventfd) at most once per ITR interval
-(ITR in 256 ns units, A.3), later ones waiting for the interval to end: the
-switch's idle wait honours that deadline. QEMU's own floor (500 x 256 ns when
-mitigation is on) is not applied: Linux programs ITR itself.
+a rising line interrupts the guest (eventfd) at once, and later rising edges
+wait until QEMU's mitigation delay (ITR, RADV, TADV: ``_interval``) has passed
+since: the switch's idle wait honours that deadline.
 """
 from __future__ import annotations
 
@@ -30,10 +29,12 @@ from switch.portkind import PortKind
 from . import regs as E
 from .device import E1000
 from .rx import MAX_SEGMENTS, NRXSTATS, e1000_receive
-from .tx import NTXS, NXSTATS, TX_MAX, e1000_transmit
+from .tx import NTXS, NXSTATS, TX_MAX, X_IDE, e1000_transmit
 
+MIT_FLOOR = 500             # QEMU's floor on the mitigation delay, 256 ns units
 RX_NAMES = ("frames", "not ready", "filtered", "oversize", "no buffer", "bad DMA", "malformed")
-TX_NAMES = ("frames", "descriptors", "bad DMA", "too big", "ring error", "runt")
+TX_NAMES = ("frames", "descriptors", "bad DMA", "too big", "ring error", "runt",
+            "delay requested")
 
 
 class E1000Nic:
@@ -69,7 +70,21 @@ class E1000Nic:
             self._interrupt()
 
     def _interval(self) -> float:
-        return self.dev[E.ITR] * E.ITR_UNIT_NS * 1e-9
+        """QEMU's mitigation delay (A.11): the smallest non-zero of TADV x 4 (once a
+        descriptor asked for a delay, IDE, and a transmit cause waits), RADV x 4
+        (when RDTR is set and RXT0 waits) and ITR, in 256 ns units, at least
+        500 (7813 interrupts/s at most); none set, no mitigation."""
+        d = self.dev
+        icr = d[E.ICR]
+        c = [d[E.ITR]]
+        if self.txstats[X_IDE] and icr & (E.ICR_TXQE | E.ICR_TXDW):
+            c.append(d[E.TADV] * 4)
+        if d[E.RDTR] and icr & E.ICR_RXT0:
+            c.append(d[E.RADV] * 4)
+        c = [v for v in c if v]
+        if not c:
+            return 0.0
+        return max(min(c), MIT_FLOOR) * E.ITR_UNIT_NS * 1e-9
 
     def _interrupt(self) -> None:
         now = self.clock()

@@ -41,8 +41,8 @@ T_SIZE, T_BAD, T_POPTS, T_TSE, T_VLAN, T_IPCSS, T_IPCSO, T_IPCSE, T_TUCSS, T_TUC
     T_TUCSE, T_TUCMD, T_MSS, T_HDRLEN, T_LEGACY_CSO, T_LEGACY_CSS = range(16)
 NTXS = 16
 # stats[] slots (the model's own, beside the guest-visible registers)
-X_FRAMES, X_DESC, X_BAD_DMA, X_TOO_BIG, X_RING_ERROR, X_RUNT = range(6)
-NXSTATS = 6
+X_FRAMES, X_DESC, X_BAD_DMA, X_TOO_BIG, X_RING_ERROR, X_RUNT, X_IDE = range(7)
+NXSTATS = 7                 # X_IDE: descriptors with IDE (interrupt delay) seen
 # why() codes
 TX_DONE, TX_BATCH_FULL, TX_STOPPED = 0, 1, 2
 
@@ -262,6 +262,8 @@ def e1000_transmit(mem, reg, txs, buf, meta, data, n, cursor, port_id, stats):
         if lower & (DS.TXD_CMD_RS | DS.TXD_CMD_RPS):
             mem[da + 12] |= DS.TXD_STAT_DD
             wrote = True
+        if lower & DS.TXD_CMD_IDE:
+            stats[X_IDE] += 1
         tdh += 1
         if tdh >= ndesc:
             tdh = 0

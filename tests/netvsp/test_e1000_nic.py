@@ -236,3 +236,34 @@ def test_in_order_tcp_segments_reach_the_tap_coalesced(rig):
     # a gap and a different flow: written apart
     out = _to_guest(rig, segs([20000, 22000]) + segs([21000], sport=81), 3)
     assert len(out) == 3 and all(o[1] == 0 for o in out)
+
+
+@pytest.mark.parametrize("regs,causes,want", [
+    ({}, E.ICR_RXT0, 0.0),                                  # nothing set: no mitigation
+    ({E.ITR: 195}, E.ICR_RXT0, 500 * 256e-9),               # ITR under the floor
+    ({E.ITR: 4000}, E.ICR_RXT0, 4000 * 256e-9),
+    ({E.ITR: 4000, E.RDTR: 1, E.RADV: 200}, E.ICR_RXT0, 800 * 256e-9),
+    ({E.ITR: 4000, E.RADV: 200}, E.ICR_RXT0, 4000 * 256e-9),   # RADV needs RDTR
+])
+def test_mitigation_delay_as_qemu_computes_it(rig, regs, causes, want):
+    for r, v in regs.items():
+        rig.nic.dev[r] = v
+    rig.nic.dev[E.ICR] = causes
+    assert rig.nic._interval() == pytest.approx(want)
+
+
+def test_a_second_interrupt_waits_for_the_mitigation_delay(rig):
+    nic = rig.nic
+    t = [10.0]
+    nic.clock = lambda: t[0]
+    nic.dev[E.ITR] = 4000                                   # ~1 ms
+    nic.dev.mmio_write(E.IMS, E.ICR_RXT0)
+    with rig.lock:
+        nic.dev.set_cause(E.ICR_RXT0)
+        assert nic.interrupts == 1
+        nic.dev.mmio_read(E.ICR)                            # the guest takes it
+        nic.dev.set_cause(E.ICR_RXT0)                       # too soon: deferred
+        assert nic.interrupts == 1 and nic.deadline() == pytest.approx(10.0 + 4000 * 256e-9)
+        t[0] += 0.002
+        nic.timers()
+        assert nic.interrupts == 2

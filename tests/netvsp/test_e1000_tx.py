@@ -285,3 +285,11 @@ def test_garbage_context_descriptors_never_reach_outside_the_frame():
             assert b.meta[LEN, 0] == len(f)
             if b.meta[FLAGS, 0] & F_CSUM_PARTIAL:
                 assert b.meta[CSUM_START, 0] + b.meta[CSUM_OFF, 0] + 2 <= len(f)
+
+
+def test_descriptors_asking_for_an_interrupt_delay_are_counted():
+    from netvsp.e1000.tx import X_IDE
+    r = Rig()
+    r.legacy(tcp_frame(), DS.TXD_CMD_EOP | DS.TXD_CMD_RS | DS.TXD_CMD_IDE)
+    r.run()
+    assert r.stats[X_IDE] == 1

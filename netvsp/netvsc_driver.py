@@ -46,6 +46,9 @@ from .netvsc_datapath import (HEADROOM, RX_CONTROL, netvsc_receive, netvsc_recla
 from .vmbus import ring as RG
 from .vmbus.client import GuestPages, VmbusClient
 
+# How long the guest waits for the host: the host's first answers may wait for
+# numba to compile its kernels on a cold cache (the runtime waits as long for us).
+HOST_START_S = 300
 log = logging.getLogger("hvnet.netvsc")
 TX_SLOTS = 64
 SLOT = 65536 + 64 + HEADROOM + 64        # a super-packet, its tag, headroom, alignment
@@ -304,11 +307,11 @@ def main(argv=None) -> int:
         return 2
     msg, (memfd, portfd) = got
     ram = GuestMemory(int(msg["ram"]), fd=memfd)
-    client = VmbusClient(MessagePort(socket.socket(fileno=portfd)), timeout=60)
+    client = VmbusClient(MessagePort(socket.socket(fileno=portfd)), timeout=HOST_START_S)
     client.connect()
     client.request_offers()
     nic = Netvsc(ram, client, GuestPages(ram.size), mtu=int(msg.get("mtu", 1500)),
-                 recv_sections=int(msg.get("recv_sections", N.DEFAULT_RX)), timeout=60)
+                 recv_sections=int(msg.get("recv_sections", N.DEFAULT_RX)), timeout=HOST_START_S)
     link = nic.bring_up()
     tapfd = open_tap(a.ifname)
     _limit_gso(a.ifname, link.offload_caps)

@@ -45,6 +45,9 @@ from . import eeprom as EE
 from . import phy as PHY
 from . import regs as E
 
+# How long the guest waits for the host: the host's first answers may wait for
+# numba to compile its kernels on a cold cache (the runtime waits as long for us).
+HOST_START_S = 300
 log = logging.getLogger("hvnet.e1000")
 TX_DESCS = 256                 # Linux's default transmit ring (A.12)
 RX_DESCS = 4096                # as after ``ethtool -G eth0 rx 4096`` (the e1000 maximum):
@@ -580,7 +583,7 @@ def main(argv=None) -> int:
         return 2
     msg, (memfd, mmiofd, irqfd) = got
     ram = GuestMemory(int(msg["ram"]), fd=memfd)
-    io = InterceptClient(socket.socket(fileno=mmiofd), SYNC, timeout=60)
+    io = InterceptClient(socket.socket(fileno=mmiofd), SYNC, timeout=HOST_START_S)
     tapfd = open_tap(a.ifname)
     g = E1000Guest(ram, io, irqfd, tapfd)
     g.warm()

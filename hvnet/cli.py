@@ -272,13 +272,20 @@ def cmd_stats(a) -> int:
                 for reason, n in p[side].items():
                     out.print(f"  {name} {side.replace('_', ' ')}: {n} x {reason}")
             nic = p.get("nic")
-            if nic:
+            if nic and nic.get("kind") == "netvsp":
                 out.print(f"  {name} NIC: channel {nic['channel']}, NVSP {nic['nvsp'] or '-'}, "
                           f"RNDIS {nic['rndis'] or '-'}, link {nic['link']}"
                           + (f", last closed: {nic['last_close']}" if nic["last_close"] else ""))
                 for what in ("dropped", "violations"):
                     for reason, n in nic[what].items():
                         out.print(f"  {name} NIC {what}: {n} x {reason}")
+            elif nic and nic.get("kind") == "e1000":
+                out.print(f"  {name} NIC: e1000, link {nic['link']}, {nic['exits']} exits "
+                          f"({nic['accesses']} register accesses), {nic['interrupts']} "
+                          f"interrupts, {nic['refused']} accesses refused")
+                for what in ("tx", "rx"):
+                    for k, n in nic[what].items():
+                        out.print(f"  {name} NIC {what} {k}: {n}")
     return 0
 
 

@@ -62,6 +62,8 @@ def test_the_e1000_comes_up_through_intercepts(emu):
     assert nic["kind"] == "e1000" and nic["link"] == "up" and nic["bus_master"]
     assert nic["exits"] > 1000 and nic["refused"] == 0 and nic["unknown_registers"] == 0
     assert stats(env)["ve.eth0"]["type"] == "emulated"
+    table = hvnet(env, "stats", check=True).stdout           # the human form too
+    assert "ve.eth0 NIC: e1000, link up" in table and "vs.eth0 NIC: channel ready" in table
 
 
 def test_ping_ipv4_ipv6_and_tcp_both_ways(emu):

@@ -19,6 +19,7 @@ from switch.byteorder import le32, put_le32
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_CSUM_VALID, F_VLAN, FLAGS,
                           GSO_SIZE, GSO_TCPV6, GSO_TYPE, LEN, OFF, ROW_PAD, TCI, copy_bytes,
                           init_packet)
+from switch.checksum import sum16
 from switch.kernel import helper, kernel
 from switch.syscalls import writev
 
@@ -385,14 +386,6 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
 
 
 @helper
-def _sum_be16(buf, p, n):
-    s = 0
-    for k in range(0, n, 2):
-        s += (np.int64(buf[p + k]) << 8) | np.int64(buf[p + k + 1])
-    return s
-
-
-@helper
 def _partial_csum(buf, off, avail, ln):
     """The host said "checksum succeeded" (e.5), which Linux's netvsc turns into
     CHECKSUM_UNNECESSARY; a tap cannot be told that (tun ignores
@@ -418,7 +411,7 @@ def _partial_csum(buf, off, avail, ln):
         proto = np.int64(buf[off + 23])
         l4 = 14 + ihl
         l4len = tot - ihl
-        s = _sum_be16(buf, off + 26, 8)
+        s = sum16(buf, off + 26, 8)
     elif et == 0x86DD:
         if avail < 54:
             return -1, 0
@@ -427,7 +420,7 @@ def _partial_csum(buf, off, avail, ln):
         l4len = (np.int64(buf[off + 18]) << 8) | np.int64(buf[off + 19])
         if 54 + l4len > ln:
             return -1, 0
-        s = _sum_be16(buf, off + 22, 32)
+        s = sum16(buf, off + 22, 32)
     else:
         return -1, 0
     if proto == 6:

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from switch import counters as C
+from switch.delivery import tx_failed_span
 from switch.portkind import PortKind
 
 from . import datapath as D
@@ -148,6 +149,8 @@ class SyntheticPorts(PortKind):
                          *rx.arrays())
         D.write_completions(mem, 0, 16384, np.zeros((4, 2), np.int64), 0, 0,
                             np.zeros(8, np.uint8))
+        tx_failed_span(np.zeros((1, C.NCOLS), np.int64), 0, b.meta, np.zeros((2, 1), np.int64),
+                       0, 0, C.DEST_NOT_CONNECTED)
         D.netvsp_egress(b.meta, b.data, np.zeros((2, 4), np.int64), 0, 0, mem, 0, 16384,
                         rx.gpa, rx.sub_size, *rx.arrays(), np.zeros((D.MAX_RANGES, 2),
                                                                       np.int64),
@@ -250,18 +253,13 @@ class SyntheticPorts(PortKind):
             if j0 == j1:
                 continue
             cd = self._channel_data(pid)
-            if cd is None:
-                # no data path yet: what was counted delivered was dropped
-                ctr[pid, C.TX_PKTS] -= j1 - j0
-                ctr[pid, C.DROP_OUT] += j1 - j0
-                ctr[pid, C.DROP_OUT_BASE + C.DEST_NOT_CONNECTED] += j1 - j0
+            if cd is None:                       # no data path yet
+                tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.DEST_NOT_CONNECTED)
                 continue
             if cd.nc.packet_filter == 0:
                 # the guest takes nothing (f.1, e.3: Linux sets 0 when its interface
-                # goes down); what was counted delivered was dropped
-                ctr[pid, C.TX_PKTS] -= j1 - j0
-                ctr[pid, C.DROP_OUT] += j1 - j0
-                ctr[pid, C.DROP_OUT_BASE + C.NIC_FILTER] += j1 - j0
+                # goes down)
+                tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.NIC_FILTER)
                 continue
             base, ds = cd.out_ring
             if cd.smeta is None or cd.smeta.shape[0] != batch.meta.shape[0]:

@@ -125,6 +125,14 @@ def tx_failed(ctr, q, ln, d, reason):
     ctr[q, DROP_OUT_BASE + reason] += 1
 
 
+@kernel
+def tx_failed_span(ctr, q, meta, plan, j0, j1, reason):
+    """tx_failed for the deliveries plan[:, j0:j1] of port ``q``: a port kind that
+    could take none of them (its NIC not ready, its filter closed)."""
+    for j in range(j0, j1):
+        tx_failed(ctr, q, meta[LEN, plan[0, j]], plan[1, j], reason)
+
+
 @helper
 def emit_frame(out, pos, data, off, ln, d):
     """Copy a frame to ``out[pos:]`` as the destination receives it: with the 802.1Q

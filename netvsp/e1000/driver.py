@@ -35,7 +35,8 @@ import numpy as np
 from hypervisor.intercept import CONFIG, IO, MMIO, InterceptClient
 from hypervisor.partition import ControlChannel, GuestMemory, GuestPages
 from hypervisor.pci import CMD_BUS_MASTER, CMD_IO, CMD_MEMORY, COMMAND
-from switch.byteorder import le16
+from switch.byteorder import be16, put_be16, put_le
+from switch.checksum import fold
 from switch.kernel import helper, kernel
 from switch.syscalls import read, writev
 from switch.tap import VNET_HDR, open_tap, set_carrier
@@ -68,30 +69,6 @@ class DriverError(RuntimeError):
 
 
 # ------------------------------------------------------------------ compiled loops
-@helper
-def _be16(b, p):
-    return (_R(b[p]) << 8) | _R(b[p + 1])
-
-
-@helper
-def _put_be16(b, p, v):
-    b[p] = (v >> 8) & 0xFF
-    b[p + 1] = v & 0xFF
-
-
-@helper
-def _put_le(b, p, v, n):
-    for k in range(n):
-        b[p + k] = (v >> (8 * k)) & 0xFF
-
-
-@helper
-def _fold(s):
-    while s > 0xFFFF:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
 @kernel
 def guest_tx(fd, mem, ring, ndesc, st, slot_desc, slots_gpa, slot_size):
     """Read ready frames from the tap into free slots and write their descriptors
@@ -125,8 +102,8 @@ def guest_tx(fd, mem, ring, ndesc, st, slot_desc, slots_gpa, slot_size):
         gso_size = _R(mem[h + 4]) | (_R(mem[h + 5]) << 8)
         cs = _R(mem[h + 6]) | (_R(mem[h + 7]) << 8)
         co = _R(mem[h + 8]) | (_R(mem[h + 9]) << 8)
-        l3 = 18 if _be16(mem, f + 12) == 0x8100 else 14
-        v4 = _be16(mem, f + l3 - 2) == 0x0800
+        l3 = 18 if be16(mem, f + 12) == 0x8100 else 14
+        v4 = be16(mem, f + l3 - 2) == 0x0800
         popts = 0
         cmd = DS.TXD_CMD_EOP | DS.TXD_CMD_IFCS | DS.TXD_CMD_RS
         tse = (gso == 1 or gso == 4) and (flags & 1) != 0 and cs + 20 <= ln
@@ -143,37 +120,37 @@ def guest_tx(fd, mem, ring, ndesc, st, slot_desc, slots_gpa, slot_size):
                 # what Linux leaves the hardware: IP length 0, the TCP sum of the
                 # pseudo-header without the length
                 if v4:
-                    _put_be16(mem, f + l3 + 2, 0)
-                    _put_be16(mem, f + l3 + 10, 0)
-                    ps = _be16(mem, f + l3 + 12) + _be16(mem, f + l3 + 14) + \
-                        _be16(mem, f + l3 + 16) + _be16(mem, f + l3 + 18) + 6
+                    put_be16(mem, f + l3 + 2, 0)
+                    put_be16(mem, f + l3 + 10, 0)
+                    ps = be16(mem, f + l3 + 12) + be16(mem, f + l3 + 14) + \
+                        be16(mem, f + l3 + 16) + be16(mem, f + l3 + 18) + 6
                 else:
-                    _put_be16(mem, f + l3 + 4, 0)
+                    put_be16(mem, f + l3 + 4, 0)
                     ps = 6
                     for k in range(16):
-                        ps += _be16(mem, f + l3 + 8 + 2 * k)
-                _put_be16(mem, f + cs + 16, _fold(ps))
+                        ps += be16(mem, f + l3 + 8 + 2 * k)
+                put_be16(mem, f + cs + 16, fold(ps))
                 popts = DS.TXD_POPTS_TXSM | (DS.TXD_POPTS_IXSM if v4 else 0)
                 cmd |= DS.TXD_CMD_TSE
             else:
                 popts = DS.TXD_POPTS_TXSM
             mem[d] = l3 if tse else 0
             mem[d + 1] = (l3 + 10) if (tse and v4) else 0
-            _put_le(mem, d + 2, (cs - 1) if (tse and v4) else 0, 2)
+            put_le(mem, d + 2, (cs - 1) if (tse and v4) else 0, 2)
             mem[d + 4] = cs
             mem[d + 5] = cs + co
-            _put_le(mem, d + 6, 0, 2)
-            _put_le(mem, d + 8, tucmd, 4)
+            put_le(mem, d + 6, 0, 2)
+            put_le(mem, d + 8, tucmd, 4)
             mem[d + 12] = 0
             mem[d + 13] = hdr_len
-            _put_le(mem, d + 14, gso_size if tse else 0, 2)
+            put_le(mem, d + 14, gso_size if tse else 0, 2)
             st[0] = (st[0] + 1) % ndesc
         d = ring + st[0] * 16
-        _put_le(mem, d, f, 8)
-        _put_le(mem, d + 8, ln | DS.TXD_DTYP_D | DS.TXD_CMD_DEXT | cmd, 4)
+        put_le(mem, d, f, 8)
+        put_le(mem, d + 8, ln | DS.TXD_DTYP_D | DS.TXD_CMD_DEXT | cmd, 4)
         mem[d + 12] = 0
         mem[d + 13] = popts
-        _put_le(mem, d + 14, 0, 2)
+        put_le(mem, d + 14, 0, 2)
         slot_desc[s] = st[0]
         st[0] = (st[0] + 1) % ndesc
         queued += 1
@@ -228,22 +205,22 @@ def _gro_flush(fd, gro, gs, hdr, iov, stats):
     for k in range(VNET_HDR):
         hdr[k] = 0
     if gs[G_SEGS] > 1:
-        _put_be16(gro, 16, n - 14)
-        _put_be16(gro, 24, 0)
+        put_be16(gro, 16, n - 14)
+        put_be16(gro, 24, 0)
         s = _R(0)
         for k in range(0, 20, 2):
-            s += _be16(gro, 14 + k)
-        _put_be16(gro, 24, (~_fold(s)) & 0xFFFF)
+            s += be16(gro, 14 + k)
+        put_be16(gro, 24, (~fold(s)) & 0xFFFF)
         if gs[G_PSH]:
             gro[47] |= 0x08
-        ps = _be16(gro, 26) + _be16(gro, 28) + _be16(gro, 30) + _be16(gro, 32) + 6 + n - 34
-        _put_be16(gro, 50, _fold(ps))
+        ps = be16(gro, 26) + be16(gro, 28) + be16(gro, 30) + be16(gro, 32) + 6 + n - 34
+        put_be16(gro, 50, fold(ps))
         hdr[0] = 1                                 # NEEDS_CSUM
         hdr[1] = 1                                 # GSO TCPv4
-        _put_le(hdr, 2, gs[G_HLEN], 2)
-        _put_le(hdr, 4, gs[G_MSS], 2)
-        _put_le(hdr, 6, 34, 2)
-        _put_le(hdr, 8, 16, 2)
+        put_le(hdr, 2, gs[G_HLEN], 2)
+        put_le(hdr, 4, gs[G_MSS], 2)
+        put_le(hdr, 6, 34, 2)
+        put_le(hdr, 8, 16, 2)
     if _write(fd, gro, 0, n, hdr, iov):
         stats[0] += gs[G_SEGS]
         stats[3] += 1
@@ -259,12 +236,12 @@ def _gro_receive(fd, mem, f, ln, gro, gs, hdr, iov, stats):
     next in-order segment of the same TCPv4 flow with the same headers (as
     tcp_gro_receive asks), else what was coalesced goes first and the frame
     starts anew, or goes alone when it cannot be coalesced."""
-    ok = ln >= 54 and _be16(mem, f + 12) == 0x0800 and mem[f + 14] == 0x45 and \
-        mem[f + 23] == 6 and (_be16(mem, f + 20) & 0x3FFF) == 0
+    ok = ln >= 54 and be16(mem, f + 12) == 0x0800 and mem[f + 14] == 0x45 and \
+        mem[f + 23] == 6 and (be16(mem, f + 20) & 0x3FFF) == 0
     thl = 0
     pay = 0
     if ok:
-        tot = _be16(mem, f + 16)
+        tot = be16(mem, f + 16)
         thl = (_R(mem[f + 46]) >> 4) * 4
         pay = tot - 20 - thl
         flags = mem[f + 47]
@@ -279,7 +256,7 @@ def _gro_receive(fd, mem, f, ln, gro, gs, hdr, iov, stats):
             stats[1] += 1
         return
     hlen = 34 + thl
-    seq = (_be16(mem, f + 38) << 16) | _be16(mem, f + 40)
+    seq = (be16(mem, f + 38) << 16) | be16(mem, f + 40)
     same = gs[G_LEN] > 0 and gs[G_HLEN] == hlen and gs[G_PSH] == 0 and \
         seq == gs[G_NEXT_SEQ] and pay <= gs[G_MSS] and gs[G_LEN] + pay <= GRO_MAX and \
         (gs[G_LEN] - hlen) % gs[G_MSS] == 0

@@ -24,6 +24,7 @@ import numpy as np
 from hypervisor.intercept import CONFIG, IO, MMIO, InterceptServer
 from hypervisor.pci import ConfigSpace
 from switch import counters as C
+from switch.delivery import tx_failed_span
 from switch.portkind import PortKind
 
 from . import regs as E
@@ -160,6 +161,8 @@ class EmulatedPorts(PortKind):
             e1000_receive(nic.mem, nic.dev.reg, batch.meta, batch.data,
                           np.zeros((2, 1), np.int64), 0, 0, nic.scratch, nic.seglens,
                           nic.small, nic.rxstats)
+            tx_failed_span(np.zeros((1, C.NCOLS), np.int64), 0, batch.meta,
+                           np.zeros((2, 1), np.int64), 0, 0, C.DEST_NOT_CONNECTED)
         finally:
             a.close()
             b.close()
@@ -187,10 +190,8 @@ class EmulatedPorts(PortKind):
             if j0 == j1:
                 continue
             nic = self.nics[pid]
-            if not nic.pci.bus_master():
-                ctr[pid, C.TX_PKTS] -= j1 - j0
-                ctr[pid, C.DROP_OUT] += j1 - j0
-                ctr[pid, C.DROP_OUT_BASE + C.DEST_NOT_CONNECTED] += j1 - j0
+            if not nic.pci.bus_master():         # no DMA without Bus Master (A.1)
+                tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.DEST_NOT_CONNECTED)
                 continue
             before = int(nic.rxstats[0])
             causes = e1000_receive(nic.mem, nic.dev.reg, batch.meta, batch.data, plan, j0,

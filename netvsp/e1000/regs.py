@@ -131,10 +131,3 @@ DLEN_MASK = 0xFFF80
 # Interrupt delay units (A.3): RDTR/RADV/TIDV/TADV in 1.024 us, ITR in 256 ns.
 DELAY_UNIT_NS, ITR_UNIT_NS = 1024, 256
 
-
-def rx_buffer_size(rctl: int) -> int:
-    """RCTL.BSIZE/BSEX decoded (A.3); the reserved BSEX|00 reads as 2048, as QEMU."""
-    bsize = (rctl >> RCTL_BSIZE_SHIFT) & 3
-    if rctl & RCTL_BSEX:
-        return {0: 2048, 1: 16384, 2: 8192, 3: 4096}[bsize]
-    return {0: 2048, 1: 1024, 2: 512, 3: 256}[bsize]

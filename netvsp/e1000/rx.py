@@ -34,6 +34,7 @@ from switch.kernel import helper, kernel
 
 from . import descriptors as DS
 from . import regs as E
+from .tx import add64, sat_add
 
 _R = np.int64
 _CTRL, _STATUS, _RCTL, _VET, _RDBAL, _RDBAH, _RDLEN, _RDH, _RDT = (
@@ -50,19 +51,6 @@ RX_FRAMES, RX_NOT_READY, RX_FILTERED, RX_OVERSIZE, RX_NO_BUFFER, RX_BAD_DMA, RX_
     range(7)
 NRXSTATS = 7
 MAX_SEGMENTS = 64
-
-
-@helper
-def _sat_add(reg, i, n):
-    v = _R(reg[i]) + n
-    reg[i] = v if v < 0xFFFFFFFF else 0xFFFFFFFF
-
-
-@helper
-def _add64(reg, lo, hi, n):
-    v = (_R(reg[hi]) << 32) + _R(reg[lo]) + n
-    reg[lo] = v & 0xFFFFFFFF
-    reg[hi] = (v >> 32) & 0xFFFFFFFF
 
 
 @helper
@@ -103,8 +91,8 @@ def _free_descs(rdh, rdt, ndesc):
 
 
 @helper
-def _bufsize(rctl):
-    """RCTL.BSIZE/BSEX (A.3), as regs.rx_buffer_size."""
+def rx_buffer_size(rctl):
+    """RCTL.BSIZE/BSEX decoded (A.3); the reserved BSEX|00 reads as 2048, as QEMU."""
     b = (rctl >> E.RCTL_BSIZE_SHIFT) & 3
     if rctl & E.RCTL_BSEX:
         return 2048 if b == 0 else 16384 if b == 1 else 8192 if b == 2 else 4096
@@ -135,7 +123,7 @@ def _place(mem, reg, f, p, ln, status_extra, special, stats):
         stats[RX_BAD_DMA] += 1
         return BAD_DMA
     rctl = _R(reg[_RCTL])
-    bsize = _bufsize(rctl)
+    bsize = rx_buffer_size(rctl)
     total = ln + (0 if rctl & E.RCTL_SECRC else 4)
     # First the room (as QEMU checks before writing): buffers from RDH up to RDT,
     # zero-address descriptors skipped, every buffer inside guest RAM.
@@ -143,8 +131,8 @@ def _place(mem, reg, f, p, ln, status_extra, special, stats):
     cur = rdh
     while room < total:
         if cur == rdt:
-            _sat_add(reg, _RNBC, 1)
-            _sat_add(reg, _MPC, 1)
+            sat_add(reg, _RNBC, 1)
+            sat_add(reg, _MPC, 1)
             stats[RX_NO_BUFFER] += 1
             return NO_BUFFER
         addr = _desc_addr(mem, base + cur * DS.SIZE)
@@ -207,7 +195,7 @@ def _one(mem, reg, f, p, ln, small, stats):
         ln = 60
     limit = (16384 - 4) if rctl & E.RCTL_LPE else 1518
     if ln > limit and not rctl & E.RCTL_SBP:
-        _sat_add(reg, _ROC, 1)
+        sat_add(reg, _ROC, 1)
         stats[RX_OVERSIZE] += 1
         return 0
     if not _accept(reg, f, p, ln):
@@ -229,20 +217,20 @@ def _one(mem, reg, f, p, ln, small, stats):
     if causes < 0:
         return 0
     # A.9 statistics (+4 for the FCS)
-    _sat_add(reg, _GPRC, 1)
-    _sat_add(reg, _TPR, 1)
-    _add64(reg, _GORCL, _GORCH, ln + 4)
-    _add64(reg, _TORL, _TORH, ln + 4)
+    sat_add(reg, _GPRC, 1)
+    sat_add(reg, _TPR, 1)
+    add64(reg, _GORCL, _GORCH, ln + 4)
+    add64(reg, _TORL, _TORH, ln + 4)
     size = ln + 4
     b = 0 if size <= 64 else 1 if size <= 127 else 2 if size <= 255 else 3 if size <= 511 \
         else 4 if size <= 1023 else 5
     if size <= 1522:
-        _sat_add(reg, _PRC[b], 1)
+        sat_add(reg, _PRC[b], 1)
     if f[p] & 1:
         if f[p] == 0xFF and f[p + 1] == 0xFF and f[p + 2] == 0xFF:
-            _sat_add(reg, _BPRC, 1)
+            sat_add(reg, _BPRC, 1)
         else:
-            _sat_add(reg, _MPRC, 1)
+            sat_add(reg, _MPRC, 1)
     stats[RX_FRAMES] += 1
     return causes
 

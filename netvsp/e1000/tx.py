@@ -29,7 +29,8 @@ import numpy as np
 
 from switch.batch import (CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_VLAN, FLAGS, GSO_SIZE,
                           GSO_TCPV4, GSO_TCPV6, GSO_TYPE, ROW_PAD, TCI, copy_bytes, init_packet)
-from switch.byteorder import le16, le32
+from switch.byteorder import be16, le16, le32, put_be16
+from switch.checksum import fold, sum16
 from switch.kernel import helper, kernel
 
 from . import descriptors as DS
@@ -55,44 +56,18 @@ _GPTC, _TPT, _GOTCL, _GOTCH, _TOTL, _TOTH, _BPTC, _MPTC = (
 
 
 @helper
-def _sat_add(reg, i, n):
+def sat_add(reg, i, n):
+    """Add to a statistics register, saturating at 2^32 - 1 (A.4)."""
     v = _R(reg[i]) + n
     reg[i] = v if v < 0xFFFFFFFF else 0xFFFFFFFF
 
 
 @helper
-def _add64(reg, lo, hi, n):
+def add64(reg, lo, hi, n):
+    """Add to a 64-bit counter kept as a low/high register pair."""
     v = (_R(reg[hi]) << 32) + _R(reg[lo]) + n
     reg[lo] = v & 0xFFFFFFFF
     reg[hi] = (v >> 32) & 0xFFFFFFFF
-
-
-@helper
-def _be16(b, p):
-    return (_R(b[p]) << 8) | _R(b[p + 1])
-
-
-@helper
-def _put_be16(b, p, v):
-    b[p] = (v >> 8) & 0xFF
-    b[p + 1] = v & 0xFF
-
-
-@helper
-def _fold(s):
-    while s > 0xFFFF:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
-@helper
-def _sum16(b, p, n):
-    s = _R(0)
-    for k in range(0, n - 1, 2):
-        s += _be16(b, p + k)
-    if n & 1:
-        s += _R(b[p + n - 1]) << 8
-    return s
 
 
 @helper
@@ -109,16 +84,16 @@ def _tso_headers(buf, size, txs):
         ihl = _R(buf[ipcss] & 15) * 4
         if ihl < 20 or ipcss + ihl > tucss:
             return False
-        _put_be16(buf, ipcss + 2, size - ipcss)
-        _put_be16(buf, ipcss + 10, 0)
-        _put_be16(buf, ipcss + 10, (~_fold(_sum16(buf, ipcss, ihl))) & 0xFFFF)
-        s = _sum16(buf, ipcss + 12, 8) + 6 + tcplen
+        put_be16(buf, ipcss + 2, size - ipcss)
+        put_be16(buf, ipcss + 10, 0)
+        put_be16(buf, ipcss + 10, (~fold(sum16(buf, ipcss, ihl))) & 0xFFFF)
+        s = sum16(buf, ipcss + 12, 8) + 6 + tcplen
     else:                                                    # IPv6
         if ipcss + 40 > tucss:
             return False
-        _put_be16(buf, ipcss + 4, size - ipcss - 40)
-        s = _sum16(buf, ipcss + 8, 32) + 6 + tcplen
-    _put_be16(buf, tucss + 16, _fold(s))
+        put_be16(buf, ipcss + 4, size - ipcss - 40)
+        s = sum16(buf, ipcss + 8, 32) + 6 + tcplen
+    put_be16(buf, tucss + 16, fold(s))
     return True
 
 
@@ -131,8 +106,8 @@ def _ip_checksum(buf, size, txs):
     end = size if cse == 0 else min(cse + 1, size)
     if css >= end or cso + 2 > size:
         return
-    _put_be16(buf, cso, 0)
-    _put_be16(buf, cso, (~_fold(_sum16(buf, css, end - css))) & 0xFFFF)
+    put_be16(buf, cso, 0)
+    put_be16(buf, cso, (~fold(sum16(buf, css, end - css))) & 0xFFFF)
 
 
 @helper
@@ -171,15 +146,15 @@ def _emit(buf, size, txs, meta, data, n, cursor, port_id, reg, stats):
         meta[TCI, n] = txs[T_VLAN]
     meta[FLAGS, n] |= fl
     # A.10 statistics (frame + 4 for the FCS the hardware would add)
-    _sat_add(reg, _GPTC, 1)
-    _sat_add(reg, _TPT, 1)
-    _add64(reg, _GOTCL, _GOTCH, size + 4)
-    _add64(reg, _TOTL, _TOTH, size + 4)
+    sat_add(reg, _GPTC, 1)
+    sat_add(reg, _TPT, 1)
+    add64(reg, _GOTCL, _GOTCH, size + 4)
+    add64(reg, _TOTL, _TOTH, size + 4)
     if buf[0] & 1:
         if buf[0] == 0xFF and buf[1] == 0xFF and buf[2] == 0xFF:
-            _sat_add(reg, _BPTC, 1)
+            sat_add(reg, _BPTC, 1)
         else:
-            _sat_add(reg, _MPTC, 1)
+            sat_add(reg, _MPTC, 1)
     stats[X_FRAMES] += 1
     return (cursor + size + 63) & ~63
 

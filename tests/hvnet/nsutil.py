@@ -112,3 +112,26 @@ def iperf3(client_ns, server_ns, server_ip, port, seconds=2):
         return json.loads(r.stdout)["end"]
     finally:
         nsexec.stop(srv)
+
+
+def running(directory, name, text):
+    """A topology brought up from ``text`` with its state under ``directory``:
+    a generator for module fixtures, yielding (env, run directory) and taking
+    it down after, checking that nothing of it is left."""
+    import os
+    env = {**os.environ, "HVNET_STATE_DIR": str(directory / "state")}
+    f = directory / f"{name}.yaml"
+    f.write_text(text)
+    try:
+        hvnet(env, "up", str(f), check=True, timeout=300)
+        yield env, directory / "state" / name
+    finally:
+        hvnet(env, "down", name, timeout=120)
+        if ours(name):
+            hvnet(env, "clean", "--force")
+        assert not ours(name), f"left behind: {ours(name)}"
+
+
+def port_stats(env, switch="sw0"):
+    import json
+    return json.loads(hvnet(env, "stats", "--json", check=True).stdout)[switch]["ports"]

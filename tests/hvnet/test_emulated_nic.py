@@ -13,7 +13,7 @@ import os
 import pytest
 
 from . import nsutil
-from .nsutil import hvnet, ours
+from .nsutil import hvnet
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
 
@@ -35,22 +35,11 @@ def ns(vm):
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    d = tmp_path_factory.mktemp("emu")
-    env = {**os.environ, "HVNET_STATE_DIR": str(d / "state")}
-    f = d / "e.yaml"
-    f.write_text(TOPO)
-    try:
-        hvnet(env, "up", str(f), check=True, timeout=300)
-        yield env, d / "state" / NAME
-    finally:
-        hvnet(env, "down", NAME, timeout=120)
-        if ours(NAME):
-            hvnet(env, "clean", "--force")
-        assert not ours(NAME), f"left behind: {ours(NAME)}"
+    yield from nsutil.running(tmp_path_factory.mktemp("emu"), NAME, TOPO)
 
 
 def stats(env):
-    return json.loads(hvnet(env, "stats", "--json", check=True).stdout)["sw0"]["ports"]
+    return nsutil.port_stats(env)
 
 
 def test_the_e1000_comes_up_through_intercepts(emu):

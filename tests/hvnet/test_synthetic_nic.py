@@ -51,22 +51,11 @@ def ns(vm):
 
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn")
-    env = {**os.environ, "HVNET_STATE_DIR": str(d / "state")}
-    f = d / "s.yaml"
-    f.write_text(TOPO)
-    try:
-        hvnet(env, "up", str(f), check=True, timeout=300)
-        yield env, d / "state" / NAME
-    finally:
-        hvnet(env, "down", NAME, timeout=120)
-        if ours(NAME):
-            hvnet(env, "clean", "--force")
-        assert not ours(NAME), f"left behind: {ours(NAME)}"
+    yield from nsutil.running(tmp_path_factory.mktemp("syn"), NAME, TOPO)
 
 
 def stats(env):
-    return json.loads(hvnet(env, "stats", "--json", check=True).stdout)["sw0"]["ports"]
+    return nsutil.port_stats(env)
 
 
 def ping(src, dst, count=3, wait=2):

@@ -10,6 +10,7 @@ from hypervisor.pci import CMD_BUS_MASTER, COMMAND, ConfigSpace
 from netvsp.e1000 import eeprom as EE
 from netvsp.e1000 import phy as PHY
 from netvsp.e1000 import regs as E
+from netvsp.e1000.rx import rx_buffer_size
 from netvsp.e1000.device import E1000
 
 MAC = bytes.fromhex("020000e10001")
@@ -242,7 +243,7 @@ def test_ring_registers_masks_and_doorbells():
                                        (E.RCTL_BSEX | 2 << 16, 8192),
                                        (E.RCTL_BSEX | 3 << 16, 4096)])
 def test_receive_buffer_size_decoding(rctl, size):
-    assert E.rx_buffer_size(rctl) == size
+    assert rx_buffer_size(rctl) == size
 
 
 # ---------------------------------------------------------------- statistics (A.4)

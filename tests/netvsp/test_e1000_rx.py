@@ -9,6 +9,7 @@ from scapy.all import IP, TCP, UDP, Dot1Q, Ether, raw
 
 from netvsp.e1000 import descriptors as DS
 from netvsp.e1000 import regs as E
+from netvsp.e1000.rx import rx_buffer_size
 from netvsp.e1000.device import E1000
 from netvsp.e1000.rx import (MAX_SEGMENTS, NRXSTATS, RX_BAD_DMA, RX_FILTERED, RX_FRAMES,
                              RX_NO_BUFFER, RX_NOT_READY, RX_OVERSIZE, e1000_receive)
@@ -28,7 +29,7 @@ class Rig:
         self.mem = np.zeros(RAM, dtype=np.uint8)
         self.dev = d = E1000(MAC)
         self.ndesc = ndesc
-        self.bsize = E.rx_buffer_size(bsize_bits)
+        self.bsize = rx_buffer_size(bsize_bits)
         for k in range(ndesc):
             self.set_addr(k, BUFS + k * 16384)
         d.mmio_write(E.RDBAL, RING)

@@ -77,7 +77,10 @@ CSUM_OFF = 36
 GSO_TYPE = 37    # GSO_* below
 GSO_SIZE = 38    # segment payload size (MSS)
 SAFE_LEN = 39    # SafePacketDataSize: trusted prefix length when not F_SAFE
-NFIELDS = 40
+# VMQ (switch/vmq.py)
+QUEUE = 40       # receive queue of the external port the frame came through (0: default)
+QPORT = 41       # the VM port owning that queue: the destination, without a lookup
+NFIELDS = 42
 DST0 = NFIELDS   # first destination row
 
 # ---- FLAGS bits -------------------------------------------------------------

@@ -36,6 +36,7 @@ MTU = 18
 STORM = 19
 GSO_FAILED = 20
 NIC_FILTER = 21
+VMQ_FULL = 22
 
 BUILTIN_REASONS = {
     RUNT: "malformed: shorter than an Ethernet header or truncated tag",
@@ -59,6 +60,7 @@ BUILTIN_REASONS = {
     STORM: "storm limit: broadcast/multicast over the per-second cap",
     GSO_FAILED: "could not segment for a port without offloads (bad GSO state)",
     NIC_FILTER: "the destination NIC's packet filter takes nothing",
+    VMQ_FULL: "the VMQ receive queue's worker had no free buffer (queue full)",
 }
 
 # Per-port counter columns

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 from . import counters as R
-from .batch import DMAC, DROP, DST0, F_MCAST, FLAGS, NDST, SMAC, SRC_NIC, SRC_PORT, VLAN
+from .batch import DMAC, DROP, DST0, F_MCAST, FLAGS, NDST, QPORT, SMAC, SRC_NIC, SRC_PORT, VLAN
 from .counters import SW_FLOODED, SW_LEARNED, SW_MOVED, SW_PURGED
 from .fdb import fdb_learn, fdb_lookup
 from .policy import (NOT_MEMBER, UNTAGGED, all_excluded, egress_policies, ingress_policies,
@@ -51,6 +51,14 @@ def forward_one(meta, cfg, fdb, swc, i, now):
             swc[SW_LEARNED] += 1
         elif r == 2:
             swc[SW_MOVED] += 1
+    q = meta[QPORT, i]
+    if q > 0 and q != p and q < cfg.shape[0] and cfg[q, C_NIC_PRESENT] != 0:
+        # Sorted into a VM port's VMQ queue by its MAC (and VLAN): no lookup.
+        how = vlan_egress(cfg, q, vlan)
+        if how == NOT_MEMBER:
+            return R.VLAN_EGRESS
+        _add_dest(meta, i, q, how, maxd)
+        return 0
     if (meta[FLAGS, i] & F_MCAST) == 0:
         val, purged = fdb_lookup(fdb, ((meta[DMAC, i] << 12) | vlan) + 1, now)
         swc[SW_PURGED] += purged

@@ -20,7 +20,7 @@ from .batch import (ARP_OP, ARP_SHA, ARP_SPA, ARP_TPA, CSUM_START, CTAG, DMAC, D
                     DST_LO, ETYPE, F_ARP, F_BAD_IHL, F_BAD_LEN, F_BCAST, F_CSUM_PARTIAL, F_FRAG,
                     F_FRAG_LATER, F_ICMP, F_ICMP6, F_IP6_EXT, F_IP_OPTS, F_IPV4,
                     F_IPV6, F_MCAST, F_QINQ, F_QINQ_C, F_RUNT, F_TCP, F_TRUNC, F_UDP,
-                    F_VLAN, FLAGS, ICMP_CODE, ICMP_TYPE, L3OFF, L4OFF, LEN, OFF,
+                    F_VLAN, FLAGS, ICMP_CODE, ICMP_TYPE, L3OFF, L4OFF, LEN, OFF, QPORT, QUEUE,
                     PAYOFF, PROTO, SAFE_LEN, SMAC, SPORT, SRC_HI, SRC_LO, STAG, TCI,
                     TCPFL, TOS, TTL, VLAN)
 from .kernel import kernel, helper
@@ -96,7 +96,7 @@ def clear_fields(meta, start, stop):
     Row by row is what the layout is for: contiguous stores, several times
     cheaper than resetting 25 rows packet by packet (measured: ~30 ns a packet)."""
     for f in (DMAC, SMAC, ETYPE, STAG, CTAG, SRC_HI, SRC_LO, DST_HI, DST_LO, TOS, TTL,
-              SPORT, DPORT, TCPFL, ARP_OP, ARP_SPA, ARP_TPA, ARP_SHA, VLAN):
+              SPORT, DPORT, TCPFL, ARP_OP, ARP_SPA, ARP_TPA, ARP_SHA, VLAN, QUEUE, QPORT):
         _fill(meta, f, start, stop, 0)
     for f in (L3OFF, L4OFF, PAYOFF, PROTO, ICMP_TYPE, ICMP_CODE):
         _fill(meta, f, start, stop, -1)

@@ -54,5 +54,12 @@ class PortKind:
         """Fill ``batch`` (from 0) with frames from this kind's ports; return the count."""
         return 0
 
+    # Sorts a received batch into receive queues once it is parsed (VMQ on an
+    # external port, switch/vmq.py), or None.
+    steer = None
+    # Hands a received batch's frames to other threads (VMQ queue workers,
+    # switch/vmq_workers.py) and returns how many are left for this one, or None.
+    dispatch = None
+
     def transmit(self, batch, plan, span) -> None:
         """Send ``plan[:, span[q,0]:span[q,1]]`` for each of this kind's ports q."""

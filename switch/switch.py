@@ -453,11 +453,15 @@ class Switch:
             start = self._inject_at.get(id(ext), 0)
         self._injected.append((ext, batch, start, path, self._depth + 1))
 
-    def process(self, batch: PacketBatch) -> int:
-        """Switch one batch whose frames and sources are filled in. Returns deliveries."""
+    def process(self, batch: PacketBatch, steer=None) -> int:
+        """Switch one batch whose frames and sources are filled in. Returns deliveries.
+        ``steer(batch)``, when given, sorts the parsed frames into receive queues
+        (VMQ, switch/vmq.py) before anything else sees them."""
         with self._dp_lock:
             now = self.clock()
             edge_ingress(batch.meta, batch.data, self.counters.table, 0, batch.n)
+            if steer is not None:
+                steer(batch)
             total = self._run(batch, 0, now)
             while self._injected:
                 ext, b, start, path, depth = self._injected.popleft()
@@ -517,9 +521,11 @@ class Switch:
                 b = self._rx
                 b.reset()
                 b.n = k.receive(b)
+                got += b.n
+                if b.n and k.dispatch is not None:
+                    b.n = k.dispatch(b)       # frames of queues with their own workers
                 if b.n:
-                    got += b.n
-                    self.process(b)
+                    self.process(b, k.steer)
         return got
 
     def warm(self) -> None:

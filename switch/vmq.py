@@ -106,7 +106,8 @@ def steer_batch(meta, n, port_id, f_mac, f_vlan, f_queue, q_state, q_port, q_rss
 
 class Vmq:
     """The VMQ side of one external port's NIC: ``queues`` queues besides queue 0,
-    ``max_filters`` filters in all, ``cpus`` the processors queues may run on."""
+    ``max_filters`` filters in all, ``cpus`` the processors queues may run on
+    (default: this process's; empty: the queues have no threads of their own)."""
 
     def __init__(self, queues: int, max_filters: int | None = None, cpus=None,
                  max_rss: int | None = None, port_id: int = 0):
@@ -129,7 +130,8 @@ class Vmq:
         self.q_rss = np.full(n, -1, dtype=np.int64)
         self.q_pkts = np.zeros(n, dtype=np.int64)
         self.q_bytes = np.zeros(n, dtype=np.int64)
-        self.q_cpu = np.full(n, self.cpus[0], dtype=np.int64)
+        # no CPUs: the queues have no threads of their own (cpu -1, nothing moves)
+        self.q_cpu = np.full(n, self.cpus[0] if self.cpus else -1, dtype=np.int64)
         self.q_complete = np.zeros(n, dtype=np.bool_)
         self.q_name = [""] * n
         self.q_load = np.zeros(n, dtype=np.float64)   # share of a CPU, last interval
@@ -164,7 +166,9 @@ class Vmq:
                     break
             else:
                 raise VmqError(f"no free VMQ queue ({self.num_queues} in use)")
-            if cpu is None:
+            if not self.cpus:
+                cpu = -1
+            elif cpu is None:
                 cpu = self._least_loaded_cpu()
             elif cpu not in self.cpus:
                 raise VmqError(f"CPU {cpu} is not one of the queues' CPUs {self.cpus}")
@@ -338,6 +342,8 @@ class Vmq:
         below ``low`` after taking it: between the two marks nothing moves, so a
         queue does not bounce between CPUs."""
         moves = []
+        if not self.cpus:
+            return moves
         with self.lock:
             live = [q for q in range(self.num_queues + 1)
                     if q == 0 or self.q_state[q] != QueueState.UNDEFINED]

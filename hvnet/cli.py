@@ -286,6 +286,33 @@ def cmd_stats(a) -> int:
                 for what in ("tx", "rx"):
                     for k, n in nic[what].items():
                         out.print(f"  {name} NIC {what} {k}: {n}")
+        if s.get("vmq"):
+            from switch.port import mac_to_str
+            t = Table(title=f"switch {sname}: VMQ on the uplink, {s['vmq_moves']} queue moves")
+            for c in ("queue", "port", "state", "cpu", "load", "packets", "bytes", "filters"):
+                t.add_column(c, justify="right" if c in ("queue", "cpu", "load", "packets",
+                                                         "bytes") else "left")
+            for q in s["vmq"]:
+                f = ", ".join(mac_to_str(x["mac"]) + ({-1: "", -2: " any VLAN"}.get(
+                    x["vlan"], f" VLAN {x['vlan']}")) for x in q["filters"])
+                t.add_row(str(q["queue"]), q["port"], q["state"].lower(),
+                          "-" if q["cpu"] < 0 else str(q["cpu"]), f"{q['load']:.0%}",
+                          str(q["packets"]), str(q["bytes"]), f + (" (RSS)" if q["rss"] else ""))
+            out.print(t)
+        for k, note in s.get("vmq_notes", {}).items():
+            out.print(f"  {k}: {note}")
+    return 0
+
+
+def cmd_vmq(a) -> int:
+    run = _run_of(a.topology)
+    try:
+        table = [int(x) for x in a.table.split(",")]
+    except ValueError:
+        raise CliError(f"table {a.table!r}: comma-separated queue indexes, like 0,1,0,1", 2) \
+            from None
+    got = _call(run, "set_indirection", port=a.port, table=table)
+    out.print(f"{a.port}: indirection table of {len(got['table'])} entries set")
     return 0
 
 
@@ -448,6 +475,21 @@ def cmd_bench(a) -> int:
                            "the host's namespaces: it needs root")
         from . import switch_bench
         return switch_bench.main(a, out, err)
+    if a.what == "vmq":
+        if os.geteuid() != 0:
+            raise CliError("bench vmq builds its topologies in network namespaces: run it "
+                           "as root", 2)
+        from . import vmq_bench
+        with err.status("starting") as status:
+            r = vmq_bench.run(seconds=a.seconds, repeats=a.repeats,
+                              progress=lambda s: status.update(s))
+        if a.json:
+            print(json.dumps(r))
+        else:
+            out.print(vmq_bench.table(r))
+            for e in r["errors"]:
+                err.print(f"[red]{e}[/red]")
+        return 1 if r["errors"] else 0
     raise CliError(f"unknown benchmark {a.what!r}", 2)
 
 
@@ -489,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("port", nargs="?")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
+    s = sub.add_parser("vmq", help="change a VM NIC's VMMQ indirection table while it runs")
+    s.add_argument("port", help="VM NIC port name, as 'hvnet stats' shows it")
+    s.add_argument("table", help="queue indexes of the port, comma-separated; "
+                   "a power of two of them, e.g. 0,1,1,1")
+    topo_opt(s)
+    s.set_defaults(func=cmd_vmq)
 
     s = sub.add_parser("capture", help="capture a port's frames to a pcap file")
     topo_opt(s)
@@ -541,16 +589,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["fastpath", "switch", "ring"],
+    s.add_argument("what", choices=["fastpath", "switch", "ring", "vmq"],
                    help="fastpath: in-memory pipeline; switch: two namespaces through the "
                    "switch beside a veth pair and a Linux bridge; ring: NetVSC to NetVSP "
-                   "through the VMBus ring across two processes")
+                   "through the VMBus ring across two processes; vmq: uplink to two VMs, "
+                   "one receive queue against two")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--seconds", type=float, default=5.0, help="measuring time (default 5)")
     s.add_argument("--batch", type=int, default=256, help="(fastpath) batch size")
     s.add_argument("--no-peer", action="store_true",
                    help="(fastpath) skip the plain-Python peer measured beside it")
-    s.add_argument("--repeats", type=int, default=1, help="(switch) rounds (default 1)")
+    s.add_argument("--repeats", type=int, default=1, help="(switch, vmq) rounds (default 1)")
     s.add_argument("--paths", help="(switch) comma-separated: veth, bridge, tap-tap, "
                    "synthetic, e1000-synthetic, synthetic-e1000, internal-uplink, "
                    "internal-uplink-v3 (default: veth, bridge, tap-tap, synthetic, "

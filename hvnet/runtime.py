@@ -248,6 +248,9 @@ class Runtime:
         self._stop = threading.Event()
         self.errors: list[str] = []
         self.started = None
+        self.vmqs: dict = {}                         # switch -> switch.vmq.Vmq
+        self.vmq_workers: dict = {}                  # switch -> its queues' workers
+        self.vmq_notes: dict[str, str] = {}          # switch or port -> why it has no VMQ
 
     # ---------------------------------------------------------------- building
     def make_tap(self, ns: str, ifname: str, mac: str, ps: PortSettings) -> None:
@@ -321,10 +324,115 @@ class Runtime:
             for i in ("wire", "uplink"):
                 nn.set_up(ns, i)
             ifname = "uplink"
-        self._ring_port(spec.name, f"{spec.name}.uplink", ns, ifname, mtu,
-                        up.get("offloads", True), up.get("tpacket", 2))
+        port = self._ring_port(spec.name, f"{spec.name}.uplink", ns, ifname, mtu,
+                               up.get("offloads", True), up.get("tpacket", 2))
+        if up.get("vmq"):
+            self._vmq(spec, port, ns, ifname)
 
-    def _ring_port(self, sw_name, name, ns, ifname, mtu, offloads, version=2) -> None:
+    def _vmq(self, spec, port, ns, ifname) -> None:
+        """VMQ on the uplink, unless the link is slower than the topology allows
+        (Hyper-V turns VMQ off under 10 Gb/s: vswitch_vmq_sriov.md 3.1)."""
+        from pyroute2.ethtool import Ethtool
+
+        from switch.vmq import Vmq
+        cfg = spec.uplink["vmq"]
+        least = cfg.get("min_link_mbps", 10000)
+
+        def speed():
+            et = Ethtool()
+            try:
+                return et.get_link_mode(ifname).speed or 0
+            except Exception:
+                return 0                      # unknown speed
+            finally:
+                et.close()
+        mbps = _in_ns(ns, speed)
+        if mbps < least:
+            self.vmq_notes[spec.name] = (f"VMQ off: the uplink's link speed is {mbps} Mb/s, "
+                                         f"under min_link_mbps {least}")
+            log.warning("switch %s: %s", spec.name, self.vmq_notes[spec.name])
+            return
+        from switch.vmq_workers import QueueWorkers
+        workers = cfg.get("workers", True)
+        vmq = Vmq(cfg["queues"], port_id=port.port_id, cpus=None if workers else [])
+        vmq.dynamic = cfg.get("dynamic", True)
+        self.vmqs[spec.name] = vmq
+        self.rings[spec.name].steer = vmq.steer
+        if workers:
+            w = QueueWorkers(vmq, self.switches[spec.name])
+            self.vmq_workers[spec.name] = w
+            self.rings[spec.name].dispatch = w.dispatch
+
+    def _vmq_nic(self, nic, port) -> None:
+        """Queues for a VM NIC, first come first served, as many as it asks for and
+        are free (vswitch_vmq_sriov.md 3.1, 3.4): the MAC filter (with the access VLAN,
+        or any VLAN on a trunk) on its first queue, RSS over all of them."""
+        from switch.vmq import VLAN_ANY, VLAN_UNTAGGED_OR_ZERO, VmqError
+        vmq = self.vmqs.get(nic.switch)
+        name = f"{nic.vm}.eth{nic.index}"
+        if vmq is None or nic.vmq.weight == 0:
+            if nic.vmq.weight == 0:
+                self.vmq_notes[name] = "VMQ weight 0: no queue"
+            return
+        vp = nic.port.vlan
+        vlan = VLAN_UNTAGGED_OR_ZERO
+        if vp is not None and vp.mode == "access":
+            vlan = vp.access_vlan
+        elif vp is not None and vp.mode == "trunk":
+            vlan = VLAN_ANY
+        sw = self.switches[nic.switch]
+        with sw._dp_lock:
+            qs = []
+            try:
+                for _ in range(nic.vmq.queues):
+                    qs.append(vmq.allocate(port.port_id, name=name))
+            except VmqError as e:
+                self.vmq_notes[name] = (f"{len(qs)} of {nic.vmq.queues} queue(s): {e}"
+                                        + ("; frames use the default queue" if not qs else ""))
+            if not qs:
+                return
+            try:
+                vmq.set_filter(qs[0], nic.port.mac, vlan)
+            except VmqError as e:
+                for q in qs:
+                    vmq.free(q)
+                self.vmq_notes[name] = f"no queue: {e}"
+                return
+            for q in qs:
+                vmq.complete(q)
+            if len(qs) > 1:
+                table = None
+                if nic.vmq.table is not None and len(qs) == nic.vmq.queues:
+                    table = [qs[k] for k in nic.vmq.table]
+                vmq.enable_rss(port.port_id, table=table)
+
+    def _vmq_free(self, sw_name: str, port) -> None:
+        vmq = self.vmqs.get(sw_name)
+        if vmq is not None:
+            # under the data-path lock: no batch holds the queues while they go
+            for q in vmq.queues_of(port.port_id):
+                vmq.free(q)
+
+    def set_indirection(self, port_name: str, table: list[int]) -> list[int]:
+        """Change a VM NIC's VMMQ indirection table (entries: its queue indexes)."""
+        from switch.vmq import VmqError
+        sw, p = self._find_port(port_name)
+        vmq = self.vmqs.get(sw.name)
+        qs = vmq.queues_of(p.port_id) if vmq is not None else []
+        if len(qs) < 2:
+            raise RuntimeError_(f"port {port_name!r} has {len(qs)} VMQ queue(s): an "
+                                f"indirection table needs VMMQ (vmq: {{queues: 2 or more}})")
+        bad = [x for x in table if not 0 <= x < len(qs)]
+        if bad:
+            raise RuntimeError_(f"indirection entries {bad}: {port_name!r} has queues "
+                                f"0..{len(qs) - 1}")
+        try:
+            vmq.set_indirection(p.port_id, [qs[x] for x in table])
+        except VmqError as e:
+            raise RuntimeError_(str(e)) from None
+        return vmq.indirection(p.port_id)
+
+    def _ring_port(self, sw_name, name, ns, ifname, mtu, offloads, version=2):
         sock = _in_ns(ns, lambda: RingSocket(ifname, offloads=offloads, version=version))
         sw = self.switches[sw_name]
         with sw._dp_lock:
@@ -335,6 +443,7 @@ class Runtime:
             self.rings[sw_name].attach(port, sock)
         self.port_switch[name] = sw_name
         self.port_ns[name] = (ns, ifname)
+        return port
 
     def _tagged_lan(self, sw_name: str) -> bool:
         return any(p.vlan for p in self.topo.physical.values() if p.switch == sw_name)
@@ -407,8 +516,9 @@ class Runtime:
         self.nics[vm] = provs
         for n in nics:
             prov = NIC_PROVIDERS[n.kind](self, n)
-            prov.attach()
+            port = prov.attach()
             provs.append(prov)
+            self._vmq_nic(n, port)
         self.topo.vms[vm] = nics
         if self.started is not None:          # added at run time: its data path runs
             for fn in self.after_start:
@@ -430,7 +540,9 @@ class Runtime:
                 if cap.port_name == name:
                     self.capture_stop(cid)
             with sw._dp_lock:
+                self._vmq_free(sw.name, sw._port(name))
                 sw.remove_port(name)
+            self.vmq_notes.pop(name, None)
             del self.port_switch[name], self.port_ns[name]
             self.links_down.discard(name)
             removed.append(name)
@@ -471,6 +583,8 @@ class Runtime:
                                  daemon=True)
             t.start()
             self._threads.append(t)
+        for w in self.vmq_workers.values():
+            w.start()
         # NICs whose guest side comes up over the running data path (synthetic)
         for fn in self.after_start:
             fn()
@@ -488,6 +602,9 @@ class Runtime:
         for t in self._threads:
             t.join(10)
         self._threads.clear()
+        for w in self.vmq_workers.values():
+            w.stop()
+        self.vmq_workers.clear()
 
     def teardown(self) -> list[str]:
         self.stop()
@@ -589,6 +706,21 @@ class Runtime:
                 s["ports"] = {k: v for k, v in s["ports"].items() if k == port}
                 if not s["ports"]:
                     continue
+            vmq = self.vmqs.get(name)
+            if vmq is not None:
+                names = {p.port_id: p.name for p in sw.ports.values()}
+                s["vmq"] = [{**q, "port": names.get(q["port"], "") if q["queue"] else
+                             names.get(vmq.port_id, "")} for q in vmq.info()]
+                s["vmq_moves"] = vmq.moves
+                w = self.vmq_workers.get(name)
+                if w is not None:
+                    full = w.info()
+                    for q in s["vmq"]:
+                        q["full_drops"] = full.get(q["queue"], 0)
+            notes = {k: v for k, v in self.vmq_notes.items()
+                     if k == name or self.port_switch.get(k) == name}
+            if notes:
+                s["vmq_notes"] = notes
             out[name] = s
         if port is not None and not out:
             raise RuntimeError_(f"no port {port!r}; ports are {sorted(self.port_switch)}")

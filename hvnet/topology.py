@@ -16,6 +16,12 @@ what is wrong, and nothing is created from an invalid file)::
           offloads: true            #   virtio-net headers on the rings (default true);
                                     #   false: the switch segments and checksums itself
           tpacket: 2                #   AF_PACKET ring version, 2 or 3 (default 2)
+          vmq:                      #   optional: receive queues sorted by MAC/VLAN (VMQ)
+            queues: 4               #     queues besides the default queue (1-64)
+            min_link_mbps: 10000    #     no VMQ on a slower link (Hyper-V's rule)
+            dynamic: true           #     queues move between CPUs by load (default)
+            workers: true           #     a thread per queue (default); false: queues are
+                                    #     sorted but switched by the data-path thread
     vms:
       vm1:
         nics:
@@ -30,6 +36,10 @@ what is wrong, and nothing is created from an invalid file)::
       router:
         switch: sw0
         mac: ..., addresses: [...], gateway: ..., vlan: 10   # vlan: tagged on the wire
+
+    VM NICs may also have vmq: {weight: 0-100 (default 100; 0: no queue),
+      queues: N (VMMQ: N queues spread by RSS, default 1), table: [...] (indirection
+      table of queue indexes 0..N-1, a power of two, default round robin)}.
 
     <port settings>: mac (required for VM NICs), addresses: [CIDR, ...], gateway,
       mtu (68-65535, default 1500), vlan: {mode: access, id: N} |
@@ -92,12 +102,20 @@ class PortSettings:
 
 
 @dataclass
+class VmqSettings:
+    weight: int = 100
+    queues: int = 1
+    table: list[int] | None = None
+
+
+@dataclass
 class Nic:
     vm: str
     index: int
     switch: str
     kind: str
     port: PortSettings
+    vmq: VmqSettings = field(default_factory=VmqSettings)
 
 
 @dataclass
@@ -286,7 +304,8 @@ def _vm(v: _V, vm, vd, switches: dict, unique_mac) -> list[Nic]:
     nics = []
     for k, nd in enumerate(v.listof(vd["nics"], f"{w}.nics")):
         nw = f"{w}.nics[{k}]"
-        ps = _port_settings(v, nd, nw, need_mac=True, required=("switch", "kind"))
+        ps = _port_settings(v, {k: x for k, x in nd.items() if k != "vmq"}, nw, need_mac=True,
+                            required=("switch", "kind"))
         kind = nd["kind"]
         if kind not in NIC_KINDS:
             v.fail(f"{nw}.kind", f"{kind!r}: expected one of {list(NIC_KINDS)}")
@@ -297,10 +316,33 @@ def _vm(v: _V, vm, vd, switches: dict, unique_mac) -> list[Nic]:
         if nd["switch"] not in switches:
             v.fail(f"{nw}.switch", f"no switch named {nd['switch']!r}; switches are "
                    f"{sorted(switches)}")
-        nics.append(Nic(vm, k, nd["switch"], kind, ps))
+        nics.append(Nic(vm, k, nd["switch"], kind, ps,
+                        _nic_vmq(v, nd.get("vmq"), f"{nw}.vmq", switches.get(nd["switch"]))))
     if not nics:
         v.fail(f"{w}.nics", "a VM needs at least one NIC")
     return nics
+
+
+def _nic_vmq(v: _V, d, where: str, sw) -> VmqSettings:
+    if d is None:
+        return VmqSettings()
+    d = v.mapping(d, where, optional=("weight", "queues", "table"))
+    vs = VmqSettings(v.integer(d.get("weight", 100), f"{where}.weight", 0, 100),
+                     v.integer(d.get("queues", 1), f"{where}.queues", 1, 64))
+    have = ((sw.uplink or {}).get("vmq") or {}).get("queues", 0) if sw else 0
+    if vs.weight and vs.queues > have:
+        v.fail(f"{where}.queues", f"{vs.queues} queue(s) asked for, but switch "
+               f"{sw.name if sw else '?'!r}'s uplink has "
+               + (f"only {have} VMQ queue(s)" if have else "no VMQ (uplink: {vmq: ...})"))
+    if "table" in d:
+        t = [v.integer(x, f"{where}.table[{k}]", 0, vs.queues - 1)
+             for k, x in enumerate(v.listof(d["table"], f"{where}.table"))]
+        if not t or len(t) > 128 or len(t) & (len(t) - 1):
+            v.fail(f"{where}.table", f"{len(t)} entries: a power of two up to 128")
+        if vs.queues < 2:
+            v.fail(f"{where}.table", "an indirection table needs queues: 2 or more")
+        vs.table = t
+    return vs
 
 
 def parse_vm(topo: Topology, vm: str, text: str, source: str = "<vm>") -> list[Nic]:
@@ -377,13 +419,23 @@ def parse(text: str, source: str = "<topology>") -> Topology:
         uplink = None
         if "uplink" in sd:
             uplink = dict(v.mapping(sd["uplink"] or {}, f"{w}.uplink",
-                                    optional=("mtu", "interface", "offloads", "tpacket")))
+                                    optional=("mtu", "interface", "offloads", "tpacket",
+                                              "vmq")))
             if "tpacket" in uplink:
                 v.integer(uplink["tpacket"], f"{w}.uplink.tpacket", 2, 3)
             if "mtu" in uplink:
                 v.integer(uplink["mtu"], f"{w}.uplink.mtu", 68, 65535)
             if "offloads" in uplink:
                 v.boolean(uplink["offloads"], f"{w}.uplink.offloads")
+            if "vmq" in uplink:
+                q = dict(v.mapping(uplink["vmq"], f"{w}.uplink.vmq", required=("queues",),
+                                   optional=("min_link_mbps", "dynamic", "workers")))
+                v.integer(q["queues"], f"{w}.uplink.vmq.queues", 1, 64)
+                v.integer(q.get("min_link_mbps", 10000), f"{w}.uplink.vmq.min_link_mbps",
+                          0, 10**7)
+                v.boolean(q.get("dynamic", True), f"{w}.uplink.vmq.dynamic")
+                v.boolean(q.get("workers", True), f"{w}.uplink.vmq.workers")
+                uplink["vmq"] = q
             if "interface" in uplink:
                 i = uplink["interface"]
                 if not isinstance(i, str) or not 0 < len(i) <= 15 or "/" in i or " " in i:

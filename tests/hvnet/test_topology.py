@@ -94,3 +94,38 @@ def test_duplicate_macs():
     with pytest.raises(TopologyError, match=r"physical.peer2.mac: MAC 02:00:00:00:00:01 is "
                                             r"already used by vms.vm1.nics\[0\].mac"):
         parse(dup, "x.yaml")
+
+
+VMQ = GOOD.replace("    uplink: {}", "    uplink: {vmq: {queues: 2}}").replace(
+    "pruned: [21]}}", "pruned: [21]}, vmq: {queues: 2, table: [0, 1, 1, 1]}}")
+
+
+def test_vmq_settings_load():
+    t = parse(VMQ, "vmq.yaml")
+    assert t.switches["sw0"].uplink["vmq"] == {"queues": 2}
+    n = t.vms["vm1"][0]
+    assert (n.vmq.weight, n.vmq.queues, n.vmq.table) == (100, 2, [0, 1, 1, 1])
+    assert parse(GOOD, "g.yaml").vms["vm1"][0].vmq.queues == 1
+
+
+@pytest.mark.parametrize("edit, where, what", [
+    (("vmq: {queues: 2}}", "vmq: {queues: 0}}"), "switches.sw0.uplink.vmq.queues", "1..64"),
+    (("vmq: {queues: 2}}", "vmq: {queues: 2, colour: red}}"), "switches.sw0.uplink.vmq.colour",
+     "unknown key"),
+    (("vmq: {queues: 2}}", "vmq: {queues: 2, workers: 1}}"), "switches.sw0.uplink.vmq.workers",
+     "true or false"),
+    (("queues: 2, table", "queues: 3, table"), "vms.vm1.nics[0].vmq.queues", "only 2 VMQ"),
+    (("table: [0, 1, 1, 1]", "table: [0, 1, 1]"), "vms.vm1.nics[0].vmq.table", "power of two"),
+    (("table: [0, 1, 1, 1]", "table: [0, 1, 2, 1]"), "vms.vm1.nics[0].vmq.table[2]", "0..1"),
+    (("queues: 2, table", "weight: 101, queues: 2, table"), "vms.vm1.nics[0].vmq.weight",
+     "0..100"),
+    (("    uplink: {vmq: {queues: 2}}", "    uplink: {}"), "vms.vm1.nics[0].vmq.queues",
+     "no VMQ"),
+])
+def test_vmq_mistakes(edit, where, what):
+    bad = VMQ.replace(*edit)
+    assert bad != VMQ
+    with pytest.raises(TopologyError) as e:
+        parse(bad, "bad.yaml")
+    assert e.value.where == where, str(e.value)
+    assert what in str(e.value)

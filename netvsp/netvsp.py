@@ -76,8 +76,10 @@ from . import nvsp as N
 from . import rndis as R
 from .layout import U32, decode as decode_struct, encode
 from .vmbus import channel_msg as M
-from .vmbus.packet import (ERRORS as PACKET_ERRORS, VM_PKT_COMP, VM_PKT_DATA_USING_GPA_DIRECT,
-                           VM_PKT_DATA_USING_XFER_PAGES,
+from switch.toeplitz import check_hash_types, key_table
+
+from .vmbus.packet import (ERRORS as PACKET_ERRORS, VM_PKT_COMP, VM_PKT_DATA_INBAND,
+                           VM_PKT_DATA_USING_GPA_DIRECT, VM_PKT_DATA_USING_XFER_PAGES,
                            VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED, build_xfer_page,
                            inband_footprint, parse_gpa_direct, xfer_footprint)
 from .vmbus.ring import E_FULL, FEAT_PENDING_SEND_SZ, Ring, RingError, ring_write_begin, \
@@ -103,7 +105,8 @@ MAX_CONTROL_MESSAGE = 0x4000     # bytes of one control SEND_RNDIS_PKT (Linux ma
 MAX_GPA_RANGES = 64              # Linux uses <= 32 page buffers (f.3)
 MAX_PIECES = 256
 MAX_BACKLOG = 100 * 1024         # queued RNDIS replies; OpenVMM's 100 KiB (i.2)
-MAX_QUEUES = 1                   # no subchannels yet: vRSS is not offered (g.1 needs >= 2)
+MAX_QUEUES = 8                   # channels per NIC, the primary included (g.1: vRSS needs >= 2)
+RSS_RESERVED_SUBALLOCS = 16      # OpenVMM keeps 16 receive sub-allocations aside (g.1)
 
 # e.7 values, as OpenVMM answers them.
 LINK_SPEED_BPS = 10_000_000_000          # net_backend's default link speed (i.1)
@@ -706,12 +709,27 @@ class NetvspChannel:
                        pkt.trans_id)
 
     def _subchannel(self, pkt, m, want) -> None:
-        # g.1: OpenVMM's refusal (FAIL, 0 allocated) whatever is asked: one queue
-        # here, so no request can be below max_queues. Linux stays single-channel.
+        """g.1 as OpenVMM takes it: ALLOCATE of fewer subchannels than the NIC's
+        queues, with a receive buffer holding one sub-allocation per queue beyond
+        the 16 kept aside, once; the host then offers them (c.9)."""
+        n, op, rb = int(m["num_subchannels"]), int(m["op"]), self.recv_buf
+        ok = (op == N.SUBCHANNEL_OP_ALLOCATE and 1 <= n < self.device.max_queues
+              and rb is not None and rb.count >= RSS_RESERVED_SUBALLOCS + n + 1
+              and not self.device.sub_offers and self.state in ("init", "ready"))
         if want:
-            self._send(VM_PKT_COMP, N.nvsp_subchannel_complete(N.STATUS_FAIL, 0,
-                                                               size=self.msg_size),
-                       pkt.trans_id)
+            self._send(VM_PKT_COMP, N.nvsp_subchannel_complete(
+                N.STATUS_SUCCESS if ok else N.STATUS_FAIL, n if ok else 0,
+                size=self.msg_size), pkt.trans_id)
+        if ok:
+            self.device.offer_subchannels(n)
+        else:
+            self._count(self.dropped, "subchannel request refused")
+
+    def send_indirection_table(self, channels: int) -> None:
+        """NVSP v5 SEND_INDIRECTION_TABLE (g.2) as OpenVMM sends it: 16 entries
+        i % channels, the table right after the 12-byte header."""
+        self._send(VM_PKT_DATA_INBAND, N.nvsp_send_indirection_table(
+            [i % channels for i in range(N.VRSS_SEND_TAB_SIZE)]), 0)
 
     # --- SEND_RNDIS_PKT (e.2) --------------------------------------------------------------
     def _rndis_packet(self, pkt, m, want) -> None:
@@ -941,9 +959,16 @@ class NetvspChannel:
             self.rss = None
             return R.STATUS_SUCCESS
         if len(p.key) != R.HASH_KEYLEN or not p.table or \
-                any(q >= MAX_QUEUES for q in p.table):
+                any(q >= self.device.max_queues for q in p.table):
             return R.STATUS_INVALID_DATA
-        self.rss = {"hashinfo": hashinfo, "table": list(p.table), "key": p.key}
+        try:
+            check_hash_types(hashinfo)
+        except ValueError:
+            return R.STATUS_INVALID_DATA
+        # A shorter table is repeated to the adapter's 128 entries (OpenVMM, g.3).
+        table = [p.table[i % len(p.table)] for i in range(R.ITAB_NUM)]
+        self.rss = {"hashinfo": hashinfo, "table": list(p.table), "key": p.key,
+                    "ktable": key_table(p.key), "itab": np.array(table, dtype=np.int64)}
         return R.STATUS_SUCCESS
 
     def _set_config_parameter(self, info: bytes) -> int:
@@ -1025,6 +1050,55 @@ SUPPORTED_OIDS = (
     R.OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES)
 
 
+def _shared(name):
+    """An attribute a subchannel reads from its primary (writes are ignored: the
+    base class initialises them)."""
+    return property(lambda self: getattr(self.primary, name), lambda self, v: None)
+
+
+class NetvspSubchannel(NetvspChannel):
+    """A subchannel (c.9, g.1): its own rings and doorbells; NVSP, RNDIS and the
+    buffers are the primary channel's. Linux sends on it only data packets and
+    the completions of what the host sent on it (d.3): anything else closes it."""
+
+    state = _shared("state")
+    version = _shared("version")
+    msg_size = _shared("msg_size")
+    ndis_config = _shared("ndis_config")
+    ndis_version = _shared("ndis_version")
+    frame_size = _shared("frame_size")
+    recv_buf = _shared("recv_buf")
+    send_buf = _shared("send_buf")
+    rndis_state = _shared("rndis_state")
+    packet_filter = _shared("packet_filter")
+    offload = _shared("offload")
+    rss = _shared("rss")
+    datapath = _shared("datapath")
+
+    def __init__(self, device: "NetvspDevice", ch, primary: NetvspChannel):
+        self.primary = primary
+        super().__init__(device, ch)
+        self.sub_index = ch.sub_index
+
+    def _packet(self, pkt) -> None:
+        if pkt.type != VM_PKT_COMP and len(pkt.payload) >= N.NVSP_HEADER_SIZE:
+            mtype = struct.unpack_from("<I", pkt.payload, 0)[0]
+            if mtype != N.MSG_SEND_RNDIS_PKT:
+                self._violation("NVSP control message on a subchannel", f"type {mtype}")
+                return
+        super()._packet(pkt)
+
+    def _rndis_packet(self, pkt, m, want) -> None:
+        if int(m["channel_type"]) != N.CHANNEL_TYPE_DATA:
+            raise _Violation("RNDIS control message on a subchannel")
+        super()._rndis_packet(pkt, m, want)
+
+    def shutdown(self) -> None:
+        self.closed = True
+        self._out.clear()
+        self._inflight.clear()
+
+
 class NetvspDevice:
     """One synthetic NIC on the host: the VMBus device behind a network offer.
 
@@ -1053,6 +1127,9 @@ class NetvspDevice:
         self.last_close: str | None = None        # why the last channel was closed
         self.lock = threading.RLock()
         self.instance = instance or uuid.uuid5(M.NETVSC_GUID, mac_bytes.hex())
+        self.max_queues = MAX_QUEUES
+        self.sub_offers: dict[int, object] = {}      # relid -> offered subchannel
+        self.subs: dict[int, NetvspSubchannel] = {}  # sub_channel_index -> open subchannel
         self.offer = server.offer(M.NETVSC_GUID, self.instance, self)
 
     @property
@@ -1060,9 +1137,48 @@ class NetvspDevice:
         """The open primary channel, if any."""
         return next(iter(self.channels.values()), None)
 
+    def offer_subchannels(self, n: int) -> None:
+        """Offer subchannels 1..n of this NIC (c.9): the primary's type and instance."""
+        with self.lock:
+            for k in range(1, n + 1):
+                ch = self.server.offer(M.NETVSC_GUID, self.instance, self, sub_index=k)
+                self.sub_offers[ch.relid] = ch
+
+    def _rescind_subchannels(self) -> None:
+        for sc in list(self.subs.values()):
+            sc.shutdown()
+        self.subs.clear()
+        for relid in list(self.sub_offers):
+            self.server.rescind(relid)
+        self.sub_offers.clear()
+
+    @property
+    def all_channels(self) -> list[NetvspChannel]:
+        """The open primary, then the open subchannels by index."""
+        nc = self.channel
+        return ([] if nc is None else [nc]) + [self.subs[k] for k in sorted(self.subs)]
+
     # --- VmbusServer device hooks --------------------------------------------------
     def channel_opened(self, ch) -> None:
         with self.lock:
+            if ch.sub_index:
+                primary = self.channel
+                if primary is None or ch.relid not in self.sub_offers:
+                    self.violations["subchannel opened without its primary"] += 1
+                    self.server.close_channel(ch, "NetVSP: subchannel without a primary")
+                    return
+                try:
+                    self.subs[ch.sub_index] = NetvspSubchannel(self, ch, primary)
+                except RingError as e:
+                    self.violations["corrupt ring"] += 1
+                    log.warning("NetVSP: subchannel %d rings unusable: %s", ch.relid, e)
+                    self.server.close_channel(ch, "NetVSP: corrupt ring")
+                    return
+                if len(self.subs) == len(self.sub_offers):
+                    # every subchannel is open: the send table goes out (g.1)
+                    primary.send_indirection_table(1 + len(self.subs))
+                    primary._kick()
+                return
             try:
                 self.channels[ch.relid] = NetvspChannel(self, ch)
             except RingError as e:
@@ -1072,9 +1188,16 @@ class NetvspDevice:
 
     def channel_closed(self, ch) -> None:
         with self.lock:
+            if ch.sub_index:
+                sc = self.subs.get(ch.sub_index)
+                if sc is not None and sc.ch is ch:
+                    sc.shutdown()
+                    del self.subs[ch.sub_index]
+                return
             nc = self.channels.pop(ch.relid, None)
             if nc is not None:
                 nc.shutdown()
+                self._rescind_subchannels()     # they belong to the primary's session
 
     def gpadl_teardown(self, ch, handle: int) -> None:
         """A GPADL of this device's channel goes away. Linux revokes its buffers
@@ -1090,19 +1213,22 @@ class NetvspDevice:
 
     def _close_channel(self, nc: NetvspChannel, key: str) -> None:
         self.last_close = key
-        self.channels.pop(nc.relid, None)
+        if isinstance(nc, NetvspSubchannel):
+            self.subs.pop(nc.sub_index, None)
+        else:
+            self.channels.pop(nc.relid, None)
+            self._rescind_subchannels()
         self.server.close_channel(nc.ch, f"NetVSP: {key}")
 
     # --- the host's loop --------------------------------------------------------------
     def fds(self) -> list[int]:
         """The guests' doorbells to wait on (then call poll)."""
         with self.lock:
-            return [nc.ch.signal.fd for nc in self.channels.values()
-                    if nc.ch.signal is not None]
+            return [nc.ch.signal.fd for nc in self.all_channels if nc.ch.signal is not None]
 
     def poll(self) -> int:
         with self.lock:
-            return sum(nc.poll() for nc in list(self.channels.values()))
+            return sum(nc.poll() for nc in self.all_channels)
 
     def indicate_link(self, up: bool) -> None:
         """Link up or down (e.8): the answer to MEDIA_CONNECT_STATUS from now on,

@@ -24,6 +24,7 @@ from switch.portkind import PortKind
 
 from . import datapath as D
 from . import nvsp as N
+from . import vrss
 from .vmbus import ring as RG
 
 MAX_SEGMENTS = 128
@@ -43,7 +44,7 @@ class _ChannelData:
     """The data path's arrays for one open channel; its counters are the port's,
     so they outlive the channel."""
 
-    def __init__(self, nc, bad, stats):
+    def __init__(self, nc, bad, stats, primary: "_ChannelData | None" = None):
         self.nc = nc
         mem = nc.device.memory.mem
         self.mem = mem
@@ -62,7 +63,12 @@ class _ChannelData:
         self.scratch = np.zeros(65536 + MAX_SEGMENTS * 256, dtype=np.uint8)
         self.seglens = np.zeros(MAX_SEGMENTS, dtype=np.int64)
         rb = self.rb = nc.recv_buf
-        self.rx = D.ReceiveBuffer(rb.gpa, rb.size, rb.sub_alloc_size, reserved=rb.data_first)
+        if primary is None:
+            self.rx = D.ReceiveBuffer(rb.gpa, rb.size, rb.sub_alloc_size,
+                                      reserved=rb.data_first)
+        else:
+            # a subchannel lends from the same receive buffer as its primary (g.1)
+            self.rx = primary.rx
         self.set_send_buffer(nc.send_buf)
         # A receive completion the control path meets (it reads the ring when a
         # GPADL goes away, d.5) frees the data path's sub-allocations.
@@ -73,7 +79,11 @@ class _ChannelData:
         self.rsc = nc.version is not None and nc.version >= N.VERSION_61 and \
             cfg is not None and bool(cfg[1] & N.CAP_RSC)
         self.smeta = None                 # made on first use, shaped like the batch's meta
-        self.pkt_id = np.zeros(1, dtype=np.int64)
+        self.pkt_id = np.zeros(1, dtype=np.int64) if primary is None else primary.pkt_id
+        self.subs: list[_ChannelData] = []   # (primary only) the open subchannels' data
+        self.sub_key: tuple = ()
+        self.vrss = None                     # (primary only) netvsp.vrss scratch arrays
+        self.delivered = np.zeros(1, dtype=np.int64)   # frames put on this channel by vRSS
 
     def set_send_buffer(self, sb) -> None:
         self.sb = sb
@@ -128,7 +138,12 @@ class SyntheticPorts(PortKind):
         for k, name in BAD_NAMES.items():
             if self._bad[port_id][k]:
                 dropped[name] = dropped.get(name, 0) + int(self._bad[port_id][k])
+        cd = self._data.get(port_id)
+        subs = sorted(dev.subs)
         return {"kind": "netvsp", "channel": chan, "nvsp": version, "rndis": rndis,
+                "channels": 1 + len(subs) if nc is not None else 0,
+                "rss": nc is not None and nc.rss is not None,
+                "per_channel": [int(x.delivered[0]) for x in ([cd] + cd.subs)] if cd else [],
                 "link": "up" if dev.link_up else "down", "last_close": dev.last_close,
                 "dropped": dropped, "violations": violations,
                 "to_guest": {name: int(self._stats[port_id][k])
@@ -157,6 +172,9 @@ class SyntheticPorts(PortKind):
                         np.zeros(16, np.uint8), np.zeros(1024, np.uint8),
                         np.zeros(4, np.int64), np.zeros(D.NSTATS, np.int64), True,
                         np.zeros((b.meta.shape[0], 1 + 8), np.int64), np.zeros(1, np.int64))
+        from switch.toeplitz import DEFAULT_KEY, LINUX_HASHINFO, key_table
+        vrss.group_by_channel(b.meta, np.zeros((2, 4), np.int64), 0, 0, key_table(DEFAULT_KEY),
+                              LINUX_HASHINFO, np.zeros(128, np.int64), 2, *vrss.scratch(4, 2))
 
     def fds(self) -> list[int]:
         return ([fd for dev in self.devices.values() for fd in dev.fds()]
@@ -185,6 +203,22 @@ class SyntheticPorts(PortKind):
         self._data[pid] = cd
         return cd
 
+    def _channels(self, pid: int, cd: _ChannelData) -> list[_ChannelData]:
+        """The primary's data and its open subchannels' (vRSS, g.1), remade when
+        the set of open subchannels changes."""
+        subs = self.devices[pid].subs
+        key = tuple((k, id(sc)) for k, sc in sorted(subs.items()) if not sc.closed)
+        if key != cd.sub_key:
+            keep = {id(x.nc): x for x in cd.subs}
+            cd.subs = []
+            for k, sc in sorted(subs.items()):
+                if sc.closed:
+                    continue
+                x = keep.get(id(sc)) or _ChannelData(sc, cd.bad, cd.stats, primary=cd)
+                cd.subs.append(x)
+            cd.sub_key = key
+        return [cd] + cd.subs if cd.subs else [cd]
+
     def receive(self, batch) -> int:
         # A VMBus message port is read when the switch's epoll found it readable,
         # and at least every PUMP_EVERY_S while frames keep the switch from sleeping.
@@ -203,37 +237,46 @@ class SyntheticPorts(PortKind):
             if cd is None:
                 dev.poll()                       # the control path alone (bring-up)
                 continue
-            nc = cd.nc
-            sig = nc.ch.signal
-            if sig is not None and (ready is None or sig.fd in ready):
-                sig.take()               # before reading the ring, so no ring is missed
-            base, ds = cd.in_ring
-            for _ in range(CONTROL_STEPS):
-                start = RG.ring_read_pos(cd.mem, base, ds)
-                if start < 0:
-                    nc.poll(1)                   # the control path reports the corrupt ring
-                    break
-                cd.rstate[0] = start
-                n, cursor, cd.ncomp, why = D.netvsp_ingress(
-                    cd.mem, base, ds, cd.rstate, cd.desc, cd.pieces, cd.nvsp, *cd.sbuf,
-                    batch.meta, batch.data, n, cursor, pid, cd.comp, cd.ncomp, cd.bad,
-                    *cd.rx.arrays())
-                if cd.rstate[0] != start:
-                    if RG.ring_read_commit(cd.mem, base, ds, cd.rstate[0], start) == 1:
-                        nc.ch.interrupt.ring()   # the guest waits for room (a.5.4)
-                self._complete(cd)
-                if why == D.CONTROL:
-                    nc.poll(1)
-                    if nc.closed:
-                        break
-                    continue
-                if why < 0:
-                    nc.poll(1)
-                break
+            for x in self._channels(pid, cd):
+                n, cursor = self._ingress(x, batch, n, cursor, pid, ready)
             if cd.nc.closed:
                 self._data.pop(pid, None)
         batch.cursor = cursor
         return n
+
+    def _ingress(self, cd: _ChannelData, batch, n, cursor, pid, ready):
+        """One channel's guest-to-host ring into the batch, stopping for control
+        packets (handed to the control path one at a time)."""
+        nc = cd.nc
+        if nc.closed:
+            return n, cursor
+        sig = nc.ch.signal
+        if sig is not None and (ready is None or sig.fd in ready):
+            sig.take()                   # before reading the ring, so no ring is missed
+        base, ds = cd.in_ring
+        for _ in range(CONTROL_STEPS):
+            start = RG.ring_read_pos(cd.mem, base, ds)
+            if start < 0:
+                nc.poll(1)                       # the control path reports the corrupt ring
+                break
+            cd.rstate[0] = start
+            n, cursor, cd.ncomp, why = D.netvsp_ingress(
+                cd.mem, base, ds, cd.rstate, cd.desc, cd.pieces, cd.nvsp, *cd.sbuf,
+                batch.meta, batch.data, n, cursor, pid, cd.comp, cd.ncomp, cd.bad,
+                *cd.rx.arrays())
+            if cd.rstate[0] != start:
+                if RG.ring_read_commit(cd.mem, base, ds, cd.rstate[0], start) == 1:
+                    nc.ch.interrupt.ring()       # the guest waits for room (a.5.4)
+            self._complete(cd)
+            if why == D.CONTROL:
+                nc.poll(1)
+                if nc.closed:
+                    break
+                continue
+            if why < 0:
+                nc.poll(1)
+            break
+        return n, cursor
 
     def _complete(self, cd: _ChannelData) -> None:
         if not cd.ncomp:
@@ -261,20 +304,40 @@ class SyntheticPorts(PortKind):
                 # goes down)
                 tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.NIC_FILTER)
                 continue
-            base, ds = cd.out_ring
-            if cd.smeta is None or cd.smeta.shape[0] != batch.meta.shape[0]:
-                cd.smeta = np.zeros((batch.meta.shape[0], 1 + 8), dtype=np.int64)
-            before = cd.stats.copy()
-            sig = D.netvsp_egress(batch.meta, batch.data, plan, j0, j1, cd.mem, base, ds,
-                                  cd.rx.gpa, cd.rx.sub_size, *cd.rx.arrays(), cd.ranges,
-                                  cd.nvsp, cd.scratch, cd.seglens, cd.stats, cd.rsc,
-                                  cd.smeta, cd.pkt_id)
-            lost = int((cd.stats[D.S_NO_BUFFER] + cd.stats[D.S_RING_FULL]
-                        + cd.stats[D.S_TOO_BIG])
-                       - (before[D.S_NO_BUFFER] + before[D.S_RING_FULL] + before[D.S_TOO_BIG]))
-            lost = min(lost, j1 - j0)           # segments of one frame count once
-            if lost:
-                ctr[pid, C.DROP_OUT] += lost
-                ctr[pid, C.DROP_OUT_BASE + C.TX_FULL] += lost
-            if sig:
-                cd.nc.ch.interrupt.ring()
+            chans = self._channels(pid, cd)
+            rss = cd.nc.rss
+            if len(chans) > 1 and rss is not None:
+                # vRSS: each channel's frames on its own ring (netvsp.vrss)
+                if cd.vrss is None or cd.vrss[0].shape[1] < plan.shape[1] or \
+                        cd.vrss[2].shape[0] != len(chans) + 1:
+                    cd.vrss = vrss.scratch(plan.shape[1], len(chans))
+                tmp, chan, starts, cursor = cd.vrss
+                vrss.group_by_channel(batch.meta, plan, j0, j1, rss["ktable"],
+                                      rss["hashinfo"], rss["itab"], len(chans), tmp, chan,
+                                      starts, cursor)
+                for c, x in enumerate(chans):
+                    a, b = j0 + int(starts[c]), j0 + int(starts[c + 1])
+                    if a < b:
+                        x.delivered[0] += b - a
+                        self._egress(x, batch, plan, a, b, pid, ctr)
+            else:
+                self._egress(cd, batch, plan, j0, j1, pid, ctr)
+
+    def _egress(self, cd: _ChannelData, batch, plan, j0, j1, pid, ctr) -> None:
+        base, ds = cd.out_ring
+        if cd.smeta is None or cd.smeta.shape[0] != batch.meta.shape[0]:
+            cd.smeta = np.zeros((batch.meta.shape[0], 1 + 8), dtype=np.int64)
+        before = cd.stats.copy()
+        sig = D.netvsp_egress(batch.meta, batch.data, plan, j0, j1, cd.mem, base, ds,
+                              cd.rx.gpa, cd.rx.sub_size, *cd.rx.arrays(), cd.ranges,
+                              cd.nvsp, cd.scratch, cd.seglens, cd.stats, cd.rsc,
+                              cd.smeta, cd.pkt_id)
+        lost = int((cd.stats[D.S_NO_BUFFER] + cd.stats[D.S_RING_FULL]
+                    + cd.stats[D.S_TOO_BIG])
+                   - (before[D.S_NO_BUFFER] + before[D.S_RING_FULL] + before[D.S_TOO_BIG]))
+        lost = min(lost, j1 - j0)           # segments of one frame count once
+        if lost:
+            ctr[pid, C.DROP_OUT] += lost
+            ctr[pid, C.DROP_OUT_BASE + C.TX_FULL] += lost
+        if sig:
+            cd.nc.ch.interrupt.ring()

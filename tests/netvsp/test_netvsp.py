@@ -26,7 +26,7 @@ from hypervisor.partition import GuestMemory
 from hypervisor.synic import MessagePort
 from netvsp import nvsp as N
 from netvsp import rndis as R
-from netvsp.netvsp import MAC_OPTIONS, SUPPORTED_OIDS, NetvspDevice, TxData
+from netvsp.netvsp import MAC_OPTIONS, MAX_QUEUES, SUPPORTED_OIDS, NetvspDevice, TxData
 from netvsp.rndis import (OID_802_3_CURRENT_ADDRESS, OID_802_3_MULTICAST_LIST, OID_GEN_VENDOR_ID,
                           OID_TCP_OFFLOAD_CURRENT_CONFIG)
 from netvsp import netvsp as V
@@ -476,7 +476,7 @@ def test_linux_bring_up(env):
     rss = g.query_ok(R.OID_GEN_RECEIVE_SCALE_CAPABILITIES, R.linux_rss_capabilities_query_input())
     r = np.frombuffer(rss, dtype=R.RSS_CAPABILITIES)[0]
     assert (int(r["hdr_type"]), int(r["hdr_revision"]), int(r["hdr_size"])) == (0x88, 2, 18)
-    assert int(r["num_recv_que"]) == 1 and int(r["num_indirect_tabent"]) == R.ITAB_NUM
+    assert int(r["num_recv_que"]) == MAX_QUEUES and int(r["num_indirect_tabent"]) == R.ITAB_NUM
     # step 9: ndo_open
     assert g.set(R.OID_GEN_CURRENT_PACKET_FILTER,
                  struct.pack("<I", R.LINUX_OPEN_PACKET_FILTER)) == 0
@@ -515,11 +515,11 @@ def test_other_oids_of_e7(two):
     assert g.query_ok(OID_802_3_MULTICAST_LIST) == lst
     assert g.set(OID_802_3_MULTICAST_LIST, lst[:7]) == R.STATUS_INVALID_DATA
     # RSS parameters (g.3): Linux's block with every entry on queue 0 is stored;
-    # entries past the one queue, a short key, an empty table are refused
+    # entries past the NIC's queues, a short key, an empty table are refused
     assert g.set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS, R.rss_parameters([0] * 128)) == 0
     assert g.channel.rss["key"] == R.DEFAULT_HASH_KEY and g.channel.rss["hashinfo"] == 0x1701
     assert g.set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS,
-                 R.rss_parameters([i % 2 for i in range(128)])) == R.STATUS_INVALID_DATA
+                 R.rss_parameters([MAX_QUEUES] * 128)) == R.STATUS_INVALID_DATA
     assert g.set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS,
                  R.rss_parameters([0] * 128, key=b"k" * 16)) == R.STATUS_INVALID_DATA
     assert g.set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS, R.rss_parameters([])) == R.STATUS_INVALID_DATA

@@ -14,6 +14,7 @@ import struct
 import numpy as np
 from scapy.all import IP, TCP, Ether, raw
 
+from netvsp.netvsp import MAX_QUEUES
 from netvsp import nvsp as N
 from netvsp import rndis as R
 from netvsp.datapath import BAD_PPI, BAD_RNDIS, NBAD, ReceiveBuffer, netvsp_ingress
@@ -173,8 +174,8 @@ def test_rndis_batch_with_one_bad_message_answers_none_of_them(two):
 def test_rss_and_offload_sets_with_hostile_fields_are_refused(two):
     env, a, g, b, gb = two
     g.bring_up()
-    assert g.set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS, R.rss_parameters([1] * 128)) == \
-        R.STATUS_INVALID_DATA                                # queue 1 of 1 (g.3)
+    assert g.set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS, R.rss_parameters([MAX_QUEUES] * 128)) == \
+        R.STATUS_INVALID_DATA                                # past the NIC's queues (g.3)
     p = bytearray(R.rss_parameters([0] * 128))
     struct.pack_into("<I", p, 16, 0xFFFFFFF0)               # table offset wraps
     assert g.set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS, bytes(p)) == R.STATUS_INVALID_DATA

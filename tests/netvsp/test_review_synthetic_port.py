@@ -296,8 +296,10 @@ def test_a_send_buffer_given_late_is_used_by_the_data_path():
         nic.send_section_count = nic.send_size // nic.send_section_size
         frames = [raw(Ether(src=VM_MAC, dst=PEER_MAC) / IP() / UDP() / bytes(80))]
         guest_send(nic, ram, pages, frames)
-        settle(host, 0.5)
-        info = host.syn.port_info(host.vm_port.port_id)
+        try:
+            wait(lambda: host.got == frames, "the frame through the data path")
+        finally:
+            info = host.syn.port_info(host.vm_port.port_id)
         assert host.got == frames, info["dropped"]
     finally:
         host.close()

@@ -118,15 +118,20 @@ class Netns:
                 self.root_links.append(ifname)
         self._save()
 
-    def add_tap(self, ns: str | None, ifname: str) -> None:
-        """A persistent tap device, to be opened later (IFF_VNET_HDR) by whoever serves it."""
+    def add_tap(self, ns: str | None, ifname: str, multi_queue: bool = False) -> None:
+        """A persistent tap device, to be opened later (IFF_VNET_HDR) by whoever serves
+        it; ``multi_queue``: opened once per queue (IFF_MULTI_QUEUE)."""
         _check_ifname(ifname)
         if ns is ROOT and not self.owns(ifname):
             raise NetnsError(f"tap {ifname!r} in the root namespace needs the prefix "
                              f"{self.prefix!r}-")
         try:
             with self._ipr(ns) as nl:
-                nl.link("add", ifname=ifname, kind="tuntap", mode="tap")
+                if multi_queue:
+                    nl.link("add", ifname=ifname, kind="tuntap", mode="tap",
+                            ifr={"multi_queue": True})
+                else:
+                    nl.link("add", ifname=ifname, kind="tuntap", mode="tap")
         except NetlinkError as e:
             raise NetnsError(f"cannot create tap {ifname!r}: {os.strerror(e.code)}") from e
         if ns is ROOT:

@@ -99,6 +99,7 @@ class PartitionNic(VmNic):
     DRIVER = ""              # the guest driver's module
     WHAT = ""                # how it is named in messages and the run directory
     PORT_TYPE = ""
+    MULTI_QUEUE = False      # the tap has a queue per channel (vRSS)
     kind_of: str = ""        # the Runtime attribute holding this NIC kind per switch
 
     def attach(self):
@@ -110,7 +111,7 @@ class PartitionNic(VmNic):
         from . import nsexec
         from .rundir import RunDir
         rt, ps = self.rt, self.nic.port
-        rt.nn.add_tap(self.ns, self.ifname)
+        rt.nn.add_tap(self.ns, self.ifname, multi_queue=self.MULTI_QUEUE)
         rt.nn.set_mac(self.ns, self.ifname, mac_to_str(ps.mac))
         rt.nn.set_mtu(self.ns, self.ifname, ps.mtu)
         for a in ps.addresses:
@@ -171,6 +172,8 @@ class SyntheticNic(PartitionNic):
     (netvsp.netvsc_driver)."""
     DRIVER, WHAT, PORT_TYPE, kind_of = "netvsp.netvsc_driver", "NetVSC", "synthetic", \
         "synthetic"
+    MULTI_QUEUE = True
+    RAM = 128 << 20          # room for a ring pair and a transmit arena per vRSS channel
 
     def host(self):
         from hypervisor.synic import MessagePort

@@ -67,6 +67,18 @@ class Link:
     rss_queues: int = 0
 
 
+@dataclass
+class SubChannel:
+    """An open subchannel (c.9, g.1): its rings and doorbells."""
+    index: int
+    relid: int
+    out: RG.Ring
+    inr: RG.Ring
+    signal: int
+    interrupt: int
+    ring_gpadl: int
+
+
 class Netvsc:
     def __init__(self, ram: GuestMemory, client: VmbusClient, pages: GuestPages,
                  mtu: int = 1500, ring_pages: int = 128, recv_sections: int = 9709,
@@ -86,23 +98,60 @@ class Netvsc:
         self.host_inband: list[bytes] = []
         self._desc = np.zeros(RG.DESC_FIELDS, dtype=np.int64)
         self._ranges = np.zeros((MAX_XFER_RANGES, 2), dtype=np.int64)
+        self.subchannels: list[SubChannel] = []
+        self.send_table: list[int] | None = None     # from SEND_INDIRECTION_TABLE (g.2)
 
     # ------------------------------------------------------------------ the channel
-    def open(self) -> None:
+    def _open_ring(self, relid: int):
+        """A channel's ring pages, initialised by the guest before the host sees
+        them (a.2), their GPADL and OPENCHANNEL."""
         c = self.client
-        self.relid = c.find(NETVSC_GUID)
         ring_bytes = 2 * (PAGE + self.ring_pages * PAGE)
         base = self.pages.alloc(ring_bytes)
-        # Both rings are initialised by the guest before the host sees them (a.2).
-        self.out = RG.Ring(self.ram.mem, base, self.ring_pages * PAGE)          # to the host
-        self.inr = RG.Ring(self.ram.mem, base + PAGE + self.ring_pages * PAGE,
-                           self.ring_pages * PAGE)                            # from the host
-        self.out.init()
-        self.inr.init()
-        self.ring_gpadl = c.create_gpadl(self.relid, base, ring_bytes)
-        sig, irq = c.open(self.relid, self.ring_gpadl, self.ring_pages + 1)
-        self.signal, self.interrupt = sig, irq
+        out = RG.Ring(self.ram.mem, base, self.ring_pages * PAGE)              # to the host
+        inr = RG.Ring(self.ram.mem, base + PAGE + self.ring_pages * PAGE,
+                      self.ring_pages * PAGE)                                 # from the host
+        out.init()
+        inr.init()
+        gpadl = c.create_gpadl(relid, base, ring_bytes)
+        sig, irq = c.open(relid, gpadl, self.ring_pages + 1)
+        return out, inr, sig, irq, gpadl
+
+    def open(self) -> None:
+        self.relid = self.client.find(NETVSC_GUID)
+        self.out, self.inr, self.signal, self.interrupt, self.ring_gpadl = \
+            self._open_ring(self.relid)
         self.scratch = self.pages.alloc(2 * PAGE)          # RNDIS requests go from here
+
+    def open_subchannels(self, want: int) -> int:
+        """vRSS (g.1) as rndis_filter_device_add does it: with NVSP >= 5 and at
+        least two receive queues, ask for min(want, queues, 64) - 1 subchannels,
+        open those the host allocated with the primary's ring size, then set RSS
+        twice (disabled, then enabled with the default key and the table
+        i % channels). Returns the number of channels; 1 when there is no vRSS."""
+        queues = self.link.rss_queues
+        if self.version is None or self.version < N.VERSION_5 or queues < 2 or want < 2:
+            return 1
+        num = min(want, queues, N.VRSS_CHANNEL_MAX)
+        t, m = N.decode_message(self._completion(
+            self._send(N.nvsp_subchannel_request(num - 1)), "SUBCHANNEL"), completion=True)
+        got = int(m["num_subchannels"])
+        if t != N.MSG_SUBCHANNEL or int(m["status"]) != N.STATUS_SUCCESS or \
+                not 1 <= got <= num - 1:
+            return 1                          # Linux falls back to one channel
+        for k in range(1, got + 1):
+            relid = self.client.wait_offer(NETVSC_GUID, k)
+            out, inr, sig, irq, gpadl = self._open_ring(relid)
+            self.subchannels.append(SubChannel(k, relid, out, inr, sig, irq, gpadl))
+        n = 1 + got
+        table = [i % n for i in range(R.ITAB_NUM)]
+        self._set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS,
+                  R.rss_parameters(table, flags=R.RSS_FLAG_DISABLE_RSS))
+        if not self._set(R.OID_GEN_RECEIVE_SCALE_PARAMETERS, R.rss_parameters(table)):
+            raise NetvscError("the host refused the RSS parameters (g.3)")
+        # the send table follows once every subchannel is open (g.1)
+        self._until(lambda: self.send_table, "SEND_INDIRECTION_TABLE")
+        return n
 
     def _next_trans(self) -> int:
         self._trans += 1
@@ -155,7 +204,7 @@ class Netvsc:
             elif pkt.type == P.VM_PKT_DATA_USING_XFER_PAGES:
                 self._receive(pkt)
             elif pkt.type == P.VM_PKT_DATA_INBAND:
-                self.host_inband.append(pkt.payload)
+                self._inband(pkt.payload)
         if n:
             self._kick(self.inr.commit_read())
         return n
@@ -172,9 +221,22 @@ class Netvsc:
         elif pkt.type == P.VM_PKT_DATA_USING_XFER_PAGES:
             self._receive(pkt)
         elif pkt.type == P.VM_PKT_DATA_INBAND:
-            self.host_inband.append(pkt.payload)
+            self._inband(pkt.payload)
         self._kick(self.inr.commit_read())
         return True
+
+    def _inband(self, payload: bytes) -> None:
+        """An in-band NVSP message from the host: the send table (g.2) is taken as
+        netvsc_send_table takes it (16 entries, the offset checked, Linux's
+        NVSP <= 6 offset quirk); the rest are kept for whoever asks."""
+        if len(payload) >= 4 and struct.unpack_from("<I", payload)[0] == \
+                N.MSG_SEND_INDIRECTION_TABLE:
+            try:
+                self.send_table = N.decode_indirection_table(payload, self.version)
+            except ValueError:
+                pass                           # Linux logs and ignores it
+            return
+        self.host_inband.append(payload)
 
     def _receive(self, pkt) -> None:
         """RNDIS messages from the host in receive-buffer ranges; completed after."""

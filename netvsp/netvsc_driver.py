@@ -27,6 +27,7 @@ import os
 import select
 import socket
 import sys
+import threading
 
 import numpy as np
 
@@ -188,20 +189,32 @@ def driver_poll(mem, geo, st, rs, desc, ranges, comp, rxstats, nvsp8, msg, free,
 
 
 class Driver:
-    def __init__(self, ram: GuestMemory, nic: Netvsc, tapfd: int):
+    """The data path of one channel: the primary (``chan`` None) or a subchannel
+    (vRSS, g.1), with its own tap queue, its own share of the send buffer's
+    sections and its own transmit arena, so channels never share state and each
+    runs in its own thread (the kernel is nogil)."""
+
+    def __init__(self, ram: GuestMemory, nic: Netvsc, tapfd: int, chan=None,
+                 sections=None):
         self.ram, self.nic, self.tapfd = ram, nic, tapfd
+        self.chan = chan or nic               # out, inr, signal, interrupt
         mem = ram.mem
         self.tx_gpa = nic.pages.alloc(TX_SLOTS * SLOT)
         self.tx = PacketBatch(TX_SLOTS, arena=TX_SLOTS * SLOT)
         self.tx.data = mem[self.tx_gpa:self.tx_gpa + TX_SLOTS * SLOT]
         self.rx = PacketBatch(1, arena=64)
         count = nic.send_section_count
-        self.geo = np.array([nic.inr.base, nic.inr.datasize, nic.out.base, nic.out.datasize,
+        secs = np.arange(count, dtype=np.int64) if sections is None else \
+            np.asarray(sections, dtype=np.int64)
+        ch = self.chan
+        self.geo = np.array([ch.inr.base, ch.inr.datasize, ch.out.base, ch.out.datasize,
                              nic.recv_gpa, nic.recv_size, nic.send_gpa,
-                             nic.send_section_size, self.tx_gpa, tapfd, nic.signal,
+                             nic.send_section_size, self.tx_gpa, tapfd, ch.signal,
                              TX_PARTS],
                             dtype=np.int64)
         self.st = np.zeros(NST, dtype=np.int64)
+        free = np.zeros(count, dtype=np.int64)
+        free[:secs.size] = secs
         self.arrays = (
             np.zeros(2, dtype=np.int64),                  # rs
             np.zeros(RG.DESC_FIELDS, dtype=np.int64),     # desc
@@ -210,8 +223,8 @@ class Driver:
             np.zeros(8, dtype=np.int64),                  # rxstats
             np.zeros(8, dtype=np.uint8),                  # nvsp8
             np.zeros(8, dtype=np.uint8),                  # msg
-            np.arange(count, dtype=np.int64),             # free sections
-            np.array([count], dtype=np.int64),            # nfree
+            free,                                         # free sections (this channel's)
+            np.array([secs.size], dtype=np.int64),        # nfree
             np.zeros(count, dtype=np.uint8),              # busy
             np.zeros(TX_SLOTS, dtype=np.int64),           # GPA-direct completions per row
             np.zeros((1, 2), dtype=np.int64),             # bufs
@@ -239,17 +252,31 @@ class Driver:
         geo[G_SIGNAL] = -1                   # nothing to ring
         driver_poll(mem, geo, np.zeros(NST, np.int64), *self.arrays)
 
+    def _control(self) -> None:
+        """A packet the data path does not take: the primary's go to the control
+        path; on a subchannel the host sends none (d.3), so it is skipped."""
+        if self.chan is self.nic:
+            self.nic.handle_one()
+            return
+        inr = self.chan.inr
+        inr.rpos = None
+        if inr.read_packet() is not None:
+            log.warning("subchannel %d: a packet that is not data, skipped", self.chan.index)
+            if inr.commit_read():
+                os.eventfd_write(self.chan.signal, 1)
+
     def run(self) -> None:
         """NAPI's shape: woken by the tap or the host's interrupt, the host's
         interrupts are masked while the driver drains both ways, then unmasked
         with a re-check (a.5.5), so a busy guest costs the host no signals."""
         ep = select.epoll()
+        irq = self.chan.interrupt
         ep.register(self.tapfd, select.EPOLLIN)
-        ep.register(self.nic.interrupt, select.EPOLLIN)
-        mem, inr, nic = self.ram.mem, self.nic.inr, self.nic
+        ep.register(irq, select.EPOLLIN)
+        mem, inr = self.ram.mem, self.chan.inr
         while True:
             for fd, _ in ep.poll(1.0):
-                if fd == nic.interrupt:
+                if fd == irq:
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
@@ -258,10 +285,10 @@ class Driver:
             while True:
                 _, why = self.poll()
                 if why == CONTROL:
-                    nic.handle_one()         # neither a completion nor a frame
+                    self._control()          # neither a completion nor a frame
                     continue
                 if why == BLOCKED:
-                    select.select([nic.interrupt], [], [], 0.001)
+                    select.select([irq], [], [], 0.001)
                     continue
                 if why < 0:
                     raise RuntimeError(f"the host's ring is corrupt ({why})")
@@ -271,6 +298,14 @@ class Driver:
                 if left == 0:
                     break
                 RG.ring_begin_read(mem, inr.base, inr.datasize)
+
+
+def _run_thread(driver: Driver) -> None:
+    try:
+        driver.run()
+    except BaseException:                     # a dead channel must not go unnoticed
+        log.exception("channel data path stopped")
+        os._exit(1)
 
 
 def _limit_gso(ifname: str, caps: bytes) -> None:
@@ -313,18 +348,31 @@ def main(argv=None) -> int:
     nic = Netvsc(ram, client, GuestPages(ram.size), mtu=int(msg.get("mtu", 1500)),
                  recv_sections=int(msg.get("recv_sections", N.DEFAULT_RX)), timeout=HOST_START_S)
     link = nic.bring_up()
-    tapfd = open_tap(a.ifname)
+    # vRSS (g.1): as many channels as Linux would open, min(8, CPUs, host queues)
+    nch = nic.open_subchannels(min(N.VRSS_CHANNEL_DEFAULT, len(os.sched_getaffinity(0))))
+    # one tap queue per channel: the guest's stack spreads its flows over them as
+    # Linux's netvsc spreads them over its queues (netvsc_pick_tx)
+    tapfds = [open_tap(a.ifname, multi_queue=True) for _ in range(nch)]
     _limit_gso(a.ifname, link.offload_caps)
     # The tap's carrier follows the host's link indications (e.8), as Linux's
     # netvsc turns its netdev's carrier on and off.
-    set_carrier(tapfd, link.connected)
-    nic.on_link = lambda up: (set_carrier(tapfd, up),
+    set_carrier(tapfds[0], link.connected)
+    nic.on_link = lambda up: (set_carrier(tapfds[0], up),
                               log.info("link %s", "up" if up else "down"))
-    driver = Driver(ram, nic, tapfd)
-    driver.warm()
+    # each channel sends from its own share of the send buffer's sections
+    count = nic.send_section_count
+    per = count // nch
+    shares = [range(k * per, count if k == nch - 1 else (k + 1) * per) for k in range(nch)]
+    drivers = [Driver(ram, nic, tapfds[0], None, shares[0])] + \
+        [Driver(ram, nic, tapfds[k], nic.subchannels[k - 1], shares[k]) for k in range(1, nch)]
+    for d in drivers:
+        d.warm()
     ctl.send({"type": "up", "mac": link.mac.hex(), "mtu": link.mtu,
-              "connected": link.connected})
-    driver.run()
+              "connected": link.connected, "channels": nch})
+    log.info("%d channel(s)", nch)
+    for d in drivers[1:]:
+        threading.Thread(target=_run_thread, args=(d,), daemon=True).start()
+    drivers[0].run()
     return 0
 
 

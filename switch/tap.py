@@ -36,6 +36,7 @@ TUNSETCARRIER = 0x400454E2          # _IOW('T', 226, int), Linux 4.19+
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 VNET_HDR = 10
 VNET_F_NEEDS_CSUM = 1
@@ -43,11 +44,14 @@ VNET_F_DATA_VALID = 2
 MAX_FRAME = 65536 + 64          # a GSO super-packet, an 802.1Q tag and a little slack
 
 
-def open_tap(ifname: str, offloads: bool = True) -> int:
-    """Attach to the tap ``ifname`` in this process's current network namespace."""
+def open_tap(ifname: str, offloads: bool = True, multi_queue: bool = False) -> int:
+    """Attach to the tap ``ifname`` in this process's current network namespace.
+    ``multi_queue``: attach one more queue of a tap made with IFF_MULTI_QUEUE
+    (each open is a queue; the kernel spreads the flows it sends over them)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        ifr = struct.pack("16sH22x", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+        ifr = struct.pack("16sH22x", ifname.encode(), flags)
         fcntl.ioctl(fd, TUNSETIFF, ifr)
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR))
         flags = (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN) if offloads else 0

@@ -85,6 +85,17 @@ class VmbusClient:
                 return relid
         raise VmbusClientError(f"no offer of {if_type} (subchannel {sub_index})")
 
+    def wait_offer(self, if_type: uuid.UUID, sub_index: int) -> int:
+        """The relid of an offer that may come later (a subchannel, c.9)."""
+        try:
+            return self.find(if_type, sub_index)
+        except VmbusClientError:
+            pass
+        want = M.guid_bytes(if_type).tobytes()
+        m, _ = self._wait(M.OFFERCHANNEL, lambda m: bytes(m["if_type"]) == want
+                          and int(m["sub_channel_index"]) == sub_index)
+        return int(m["child_relid"])
+
     def create_gpadl(self, relid: int, gpa: int, nbytes: int) -> int:
         if gpa % PAGE:
             raise VmbusClientError("a GPADL starts on a page")

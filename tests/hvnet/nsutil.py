@@ -135,3 +135,57 @@ def running(directory, name, text):
 def port_stats(env, switch="sw0"):
     import json
     return json.loads(hvnet(env, "stats", "--json", check=True).stdout)[switch]["ports"]
+
+
+TCP_SINK = r"""
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=lambda c=c: [None for _ in iter(lambda: c.recv(65536), b"")],
+                     daemon=True).start()
+"""
+TCP_FROM = r"""
+import socket, sys
+dst, dport, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
+for sp in [int(x) for x in sys.argv[3].split(",")]:
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    c.bind(("0.0.0.0", sp))
+    c.connect((dst, dport))
+    c.sendall(b"t" * n)
+    c.close()
+"""
+
+
+def tcp_sink(ns, ip, port):
+    """A TCP server in ``ns`` that takes any number of connections and discards
+    what they send (stopped with nsexec.stop)."""
+    p = nsexec.popen(ns, [sys.executable, "-c", TCP_SINK, ip, str(port)],
+                     stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "listening"
+    return p
+
+
+def tcp_flows(ns, dst, port, sports, nbytes):
+    """One TCP connection from each of ``sports`` in turn, ``nbytes`` each."""
+    r = nsexec.run(ns, [sys.executable, "-c", TCP_FROM, dst, str(port),
+                        ",".join(map(str, sports)), str(nbytes)], timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def rss_index(src, dst, sport, dport, n):
+    """The queue or channel index a TCP/IPv4 flow lands on with the default key and
+    the default indirection table (entry i = i % n): Toeplitz over the 4-tuple."""
+    import ipaddress
+
+    import numpy as np
+
+    from switch.toeplitz import DEFAULT_KEY, key_table, toeplitz
+    tup = np.frombuffer(ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
+                        + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"), np.uint8)
+    return (int(toeplitz(key_table(DEFAULT_KEY), tup, 0, 12)) & 127) % n

@@ -9,11 +9,9 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 
 from hvnet import nsexec
-from switch.toeplitz import DEFAULT_KEY, key_table, toeplitz
 
 from . import nsutil
 from .nsutil import hvnet
@@ -49,40 +47,6 @@ for sp in sports:
             time.sleep(0.002)      # no bursts over the uplink ring's 256 frames
     s.close()
 """
-
-
-TCP_SINK = r"""
-import socket, sys, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(16)
-print("listening", flush=True)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=lambda c=c: [None for _ in iter(lambda: c.recv(65536), b"")],
-                     daemon=True).start()
-"""
-TCP_FROM = r"""
-import socket, sys
-dst, dport, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
-for sp in [int(x) for x in sys.argv[3].split(",")]:
-    c = socket.socket()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    c.bind(("0.0.0.0", sp))
-    c.connect((dst, dport))
-    c.sendall(b"t" * n)
-    c.close()
-"""
-
-
-def _tcp_queue_index(sport, dport, src="10.71.0.9", dst="10.71.0.2"):
-    """Which of a VMMQ port's two queues a TCP flow lands on: Toeplitz over the
-    4-tuple with the default key, default table entry i = queue i % 2."""
-    import ipaddress
-    tup = np.frombuffer(ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
-                        + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"), np.uint8)
-    return (int(toeplitz(key_table(DEFAULT_KEY), tup, 0, 12)) & 127) % 2
 
 
 def ns(m):
@@ -152,18 +116,13 @@ def test_vmmq_spreads_b_over_its_queues_and_the_table_changes_under_tcp(topo):
     # TCP flows whose source ports Toeplitz puts on b's first and on its second queue
     sports = {0: [], 1: []}
     for sp in range(20000, 21000):
-        k = _tcp_queue_index(sp, 5304)
+        k = nsutil.rss_index("10.71.0.9", "10.71.0.2", sp, 5304, 2)
         if len(sports[k]) < 3:
             sports[k].append(sp)
-    sink = nsexec.popen(ns("b"), [sys.executable, "-c", TCP_SINK, "10.71.0.2", "5304"],
-                        stdout=__import__("subprocess").PIPE, text=True)
+    sink = nsutil.tcp_sink(ns("b"), "10.71.0.2", 5304)
     try:
-        assert sink.stdout.readline().strip() == "listening"
-
         def flows(k):
-            r = nsexec.run(ns("p"), [sys.executable, "-c", TCP_FROM, "10.71.0.2", "5304",
-                                     ",".join(map(str, sports[k])), str(1 << 20)], timeout=60)
-            assert r.returncode == 0, r.stderr
+            nsutil.tcp_flows(ns("p"), "10.71.0.2", 5304, sports[k], 1 << 20)
         seen = {k: nsutil.port_stats(env)[k]["tx_packets"] for k in ("a.eth0", "c.eth0")}
         tcp = nsutil.Tcp(ns("p"), ns("b"), "10.71.0.2", 5301, 48)   # checked, throughout
         try:

@@ -430,7 +430,8 @@ class Runtime:
             raise RuntimeError_(f"indirection entries {bad}: {port_name!r} has queues "
                                 f"0..{len(qs) - 1}")
         try:
-            vmq.set_indirection(p.port_id, [qs[x] for x in table])
+            with sw._dp_lock:
+                vmq.set_indirection(p.port_id, [qs[x] for x in table])
         except VmqError as e:
             raise RuntimeError_(str(e)) from None
         return vmq.indirection(p.port_id)

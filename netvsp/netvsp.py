@@ -1175,9 +1175,16 @@ class NetvspDevice:
                     self.server.close_channel(ch, "NetVSP: corrupt ring")
                     return
                 if len(self.subs) == len(self.sub_offers):
-                    # every subchannel is open: the send table goes out (g.1)
-                    primary.send_indirection_table(1 + len(self.subs))
-                    primary._kick()
+                    # every subchannel is open: the send table goes out (g.1); the
+                    # primary's ring is the guest's, so a corrupt one closes it
+                    try:
+                        primary.send_indirection_table(1 + len(self.subs))
+                        primary._kick()
+                    except RingError as e:
+                        primary._violation("corrupt ring", str(e))
+                    except Exception:            # a bug must not take the host down
+                        log.exception("NetVSP channel %d: internal error", primary.relid)
+                        primary._violation("internal error")
                 return
             try:
                 self.channels[ch.relid] = NetvspChannel(self, ch)

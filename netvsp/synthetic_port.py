@@ -82,8 +82,10 @@ class _ChannelData:
         self.pkt_id = np.zeros(1, dtype=np.int64) if primary is None else primary.pkt_id
         self.subs: list[_ChannelData] = []   # (primary only) the open subchannels' data
         self.sub_key: tuple = ()
+        self.slots: list[_ChannelData] = [self]  # (primary only) channel by sub index
         self.vrss = None                     # (primary only) netvsp.vrss scratch arrays
-        self.delivered = np.zeros(1, dtype=np.int64)   # frames put on this channel by vRSS
+        # (primary only) frames vRSS put on each channel, by sub_channel_index
+        self.per_slot = np.zeros(N.VRSS_CHANNEL_MAX, dtype=np.int64)
 
     def set_send_buffer(self, sb) -> None:
         self.sb = sb
@@ -143,7 +145,7 @@ class SyntheticPorts(PortKind):
         return {"kind": "netvsp", "channel": chan, "nvsp": version, "rndis": rndis,
                 "channels": 1 + len(subs) if nc is not None else 0,
                 "rss": nc is not None and nc.rss is not None,
-                "per_channel": [int(x.delivered[0]) for x in ([cd] + cd.subs)] if cd else [],
+                "per_channel": cd.per_slot[:1 + max(subs, default=0)].tolist() if cd else [],
                 "link": "up" if dev.link_up else "down", "last_close": dev.last_close,
                 "dropped": dropped, "violations": violations,
                 "to_guest": {name: int(self._stats[port_id][k])
@@ -211,11 +213,15 @@ class SyntheticPorts(PortKind):
         if key != cd.sub_key:
             keep = {id(x.nc): x for x in cd.subs}
             cd.subs = []
+            # slots[k]: the channel with sub_channel_index k, the primary where
+            # none is open, as RSS table entries name channels (g.3)
+            cd.slots = [cd] * (1 + max((k for k, _ in key), default=0))
             for k, sc in sorted(subs.items()):
                 if sc.closed:
                     continue
                 x = keep.get(id(sc)) or _ChannelData(sc, cd.bad, cd.stats, primary=cd)
                 cd.subs.append(x)
+                cd.slots[k] = x
             cd.sub_key = key
         return [cd] + cd.subs if cd.subs else [cd]
 
@@ -308,17 +314,18 @@ class SyntheticPorts(PortKind):
             rss = cd.nc.rss
             if len(chans) > 1 and rss is not None:
                 # vRSS: each channel's frames on its own ring (netvsp.vrss)
+                slots = cd.slots
                 if cd.vrss is None or cd.vrss[0].shape[1] < plan.shape[1] or \
-                        cd.vrss[2].shape[0] != len(chans) + 1:
-                    cd.vrss = vrss.scratch(plan.shape[1], len(chans))
+                        cd.vrss[2].shape[0] != len(slots) + 1:
+                    cd.vrss = vrss.scratch(plan.shape[1], len(slots))
                 tmp, chan, starts, cursor = cd.vrss
                 vrss.group_by_channel(batch.meta, plan, j0, j1, rss["ktable"],
-                                      rss["hashinfo"], rss["itab"], len(chans), tmp, chan,
+                                      rss["hashinfo"], rss["itab"], len(slots), tmp, chan,
                                       starts, cursor)
-                for c, x in enumerate(chans):
+                for c, x in enumerate(slots):
                     a, b = j0 + int(starts[c]), j0 + int(starts[c + 1])
                     if a < b:
-                        x.delivered[0] += b - a
+                        cd.per_slot[min(c, cd.per_slot.size - 1)] += b - a
                         self._egress(x, batch, plan, a, b, pid, ctr)
             else:
                 self._egress(cd, batch, plan, j0, j1, pid, ctr)

@@ -120,7 +120,12 @@ class Vmq:
             raise VmqError(f"{max_filters} filters for {queues} queues: at least one each")
         self.cpus = sorted(cpus) if cpus is not None else sorted(_own_cpus())
         n = queues + 1
-        self.lock = threading.Lock()       # control path only; steer never waits on it
+        # Control calls serialise on this lock. Steering reads the arrays without
+        # it: an indirection table is written so a reader always sees a valid
+        # one, but a filter slot may be reused at once, so filters must be set and
+        # cleared with the data path stopped between batches (hvnet's runtime
+        # holds the switch's data-path lock, which every steer runs under).
+        self.lock = threading.Lock()
         self.f_mac = np.zeros(max_filters, dtype=np.int64)
         self.f_vlan = np.zeros(max_filters, dtype=np.int64)
         self.f_queue = np.full(max_filters, -1, dtype=np.int64)
@@ -243,11 +248,12 @@ class Vmq:
         if drained is not None:
             drained()
         with self.lock:
-            r = self.q_rss[q]
-            if r >= 0:
-                self.q_rss[self.q_rss == r] = -1
+            r = int(self.q_rss[q])
+            self.q_rss[q] = -1
+            if r >= 0 and not (self.q_rss == r).any():
+                # the port's last queue: its key and types go with it (checklist 36)
                 self.rss_of_port = {p: x for p, x in self.rss_of_port.items() if x != r}
-                self.rss_free.append(int(r))
+                self.rss_free.append(r)
             self.q_port[q] = 0
             self.q_name[q] = ""
             self._to(q, QueueState.UNDEFINED)

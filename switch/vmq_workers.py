@@ -48,11 +48,15 @@ def take_queue(meta, data, n, q, out_meta, out_data):
     cursor = 0
     m = 0
     k = 0
+    full = False          # once a frame of q stays behind, all later ones do: in order
     for i in range(n):
         ln = meta[LEN, i]
         off = meta[OFF, i]
-        if (meta[QUEUE, i] == q and meta[DROP, i] == 0 and m < cap and off >= 0 and ln >= 0
-                and off <= data.shape[0] - ln and cursor <= out_data.shape[0] - ln):
+        mine = meta[QUEUE, i] == q and meta[DROP, i] == 0
+        if mine and not full and (m >= cap or cursor > out_data.shape[0] - ln):
+            full = True
+        if (mine and not full and off >= 0 and ln >= 0
+                and off <= data.shape[0] - ln):
             copy_bytes(out_data, cursor, data, off, ln)
             for f in range(NFIELDS):
                 out_meta[f, m] = meta[f, i]

@@ -320,6 +320,10 @@ class VmbusServer:
         hook = getattr(ch.device, "channel_opened", None)
         if hook is not None:
             hook(ch)
+        if ch.state != "open" or ch.signal is None:
+            # the device closed (or rescinded) it while it opened
+            result(M.GPADL_FAILURE)
+            return
         result(0, [ch.signal.fd, ch.interrupt.fd])
 
     def _close_msg(self, m, data) -> None:

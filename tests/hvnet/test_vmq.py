@@ -166,10 +166,28 @@ def test_table_mistakes_are_refused(topo):
     assert r.returncode == 2 and "comma-separated" in r.stderr
 
 
-def test_a_removed_vm_gives_its_queues_back(topo):
+def test_queues_freed_and_allocated_while_a_checked_stream_runs(topo):
+    """b goes (its two queues are freed) and e comes (it gets one) while a TCP
+    stream to a, through a's queue, runs: the stream arrives byte for byte, and
+    e's frames go to e's new queue."""
     env, _ = topo
-    hvnet(env, "vm", "rm", "b", check=True)
+    tcp = nsutil.Tcp(ns("p"), ns("a"), "10.71.0.1", 5311, 96)
+    try:
+        hvnet(env, "vm", "rm", "b", check=True)
+        hvnet(env, "vm", "add", "e", "--spec",
+              '{nics: [{switch: sw0, kind: tap, mac: "02:00:00:71:00:0e", '
+              'addresses: [10.71.0.5/24]}]}', check=True)
+        tcp.finish()
+    finally:
+        tcp.stop()
     queues, notes = vmq(env)
-    assert "b.eth0" not in by_port(queues) and "b.eth0" not in notes
-    assert len(queues) == 2                     # the default queue and a's
-    assert nsutil.ping(ns("p"), "10.71.0.1")
+    bp = by_port(queues)
+    assert "b.eth0" not in bp and "b.eth0" not in notes
+    assert len(bp["e.eth0"]) == 1 and len(bp["a.eth0"]) == 1
+    assert len(queues) == 3                     # the default queue, a's and e's
+    before = bp["e.eth0"][0]["packets"]
+    assert nsutil.ping(ns("p"), "10.71.0.5")
+    after = by_port(vmq(env)[0])["e.eth0"][0]["packets"]
+    assert after - before >= 3
+    # a's queue carried the stream: nothing of it went the default way
+    assert bp["a.eth0"][0]["bytes"] > 96 << 20

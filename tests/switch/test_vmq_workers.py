@@ -3,6 +3,7 @@ the queue's VM port only; a full lane drops and counts; freeing a queue while it
 frames are in flight sends them the default way; loads are measured per thread."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -148,3 +149,35 @@ def test_loads_are_measured_for_the_dispatcher_and_the_workers():
     assert w.dispatcher == t.ident
     assert peak[0] > 0.05                      # the loads of one balancer interval
     assert peak[qs[0]] > 0.0 and peak[qs[1]] > 0.0
+
+
+def test_a_queue_moved_to_another_cpu_while_frames_flow_loses_nothing():
+    """Dynamic VMQ moves a queue (rebalance) while its worker switches frames: the
+    worker re-pins itself and every frame still reaches the queue's port."""
+    cpus = sorted(os.sched_getaffinity(0))
+    sw = Switch("vmqm", max_ports=8)
+    mem = MemoryPorts(in_frames=8192, in_bytes=1 << 22, out_frames=16384, out_bytes=1 << 23)
+    up = sw.add_port("uplink", "external", kind=mem)
+    vm = sw.add_port("vm0", "synthetic", mac=MACS[0], kind=mem)
+    vmq = Vmq(1, port_id=up.port_id, cpus=cpus)
+    w = QueueWorkers(vmq, sw, depth=8, interval=0.05)
+    vmq.dynamic = False                          # the test moves it by hand
+    mem.steer, mem.dispatch = vmq.steer, w.dispatch
+    q = vmq.allocate(vm.port_id, cpu=cpus[0])
+    vmq.set_filter(q, mac_to_int(MACS[0]))
+    vmq.complete(q)
+    w.start()
+    got = 0
+    try:
+        for k in range(6):
+            mem.inject(up, _frames(MACS[0], 500, bytes([65 + k])))
+            if k == 3:
+                vmq.q_load[0], vmq.q_load[q] = 0.1, 0.9
+                moves = vmq.rebalance(high=0.85, low=0.95)
+                assert moves == ([(q, cpus[0], cpus[1])] if len(cpus) > 1 else [])
+            out = _drain(sw, mem, w, 8)
+            got += len(out.get(vm.port_id, []))
+    finally:
+        w.stop()
+    assert got == 3000
+    assert w.lanes[q].cpu == (cpus[1] if len(cpus) > 1 else cpus[0])

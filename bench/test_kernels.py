@@ -156,3 +156,35 @@ def test_vmbus_ring_inband_256(benchmark):
     benchmark(run)
     if benchmark.stats is not None:
         benchmark.extra_info["ns_per_packet"] = round(benchmark.stats.stats.mean * 1e9 / 256, 1)
+
+
+def _tcp_batch(n=256):
+    b = PacketBatch()
+    b.append_frames([raw(Ether(dst="02:00:00:00:0a:01", src="02:00:00:00:00:99")
+                         / IP(src=f"10.0.{k // 250}.{k % 250 + 1}", dst="10.0.9.1")
+                         / TCP(sport=1024 + k, dport=5201)) for k in range(n)], src_port=1)
+    parse_batch(b.meta, b.data, 0, b.n)
+    return b
+
+
+def test_toeplitz_hash_batch(benchmark):
+    """RSS hash (TCP/IPv4 4-tuple) of a parsed batch of 256 frames."""
+    from switch.toeplitz import DEFAULT_KEY, LINUX_HASHINFO, hash_batch, key_table
+    b = _tcp_batch()
+    t = key_table(DEFAULT_KEY)
+    benchmark(hash_batch, b.meta, b.n, t, LINUX_HASHINFO)
+
+
+def test_vmq_steer_vmmq(benchmark):
+    """VMQ steering of 256 frames to a VMMQ port: filter match, Toeplitz, table."""
+    from switch.port import mac_to_int
+    from switch.vmq import Vmq
+    v = Vmq(4, port_id=1, cpus=[0])
+    q1 = v.allocate(5)
+    v.set_filter(q1, mac_to_int("02:00:00:00:0a:01"))
+    v.complete(q1)
+    q2 = v.allocate(5)
+    v.complete(q2)
+    v.enable_rss(5)
+    b = _tcp_batch()
+    benchmark(v.steer, b)

@@ -16,3 +16,8 @@ send = types.ExternalFunction("send", types.intp(types.int32, types.voidptr, typ
 # writev(fd, iov, iovcnt): a header and a frame in one call without copying the frame;
 # ``iov`` is the address of an int64 array of (base, length) pairs (struct iovec).
 writev = types.ExternalFunction("writev", types.intp(types.int32, types.voidptr, types.int32))
+# clock_gettime(clockid, struct timespec *) and clock_nanosleep(clockid, flags, request,
+# remain): ``ts`` is the address of an int64 array of (seconds, nanoseconds).
+clock_gettime = types.ExternalFunction("clock_gettime", types.int32(types.int32, types.voidptr))
+clock_nanosleep = types.ExternalFunction("clock_nanosleep", types.int32(
+    types.int32, types.int32, types.voidptr, types.voidptr))

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the project needs, each named by a command it provides.
 APT_NEEDS := ip:iproute2 ping:iputils-ping iperf3:iperf3 ethtool:ethtool gcc:gcc tshark:tshark
 
-.PHONY: setup sysdeps demo test bench clean-cache clean-venv
+.PHONY: setup sysdeps peers demo test bench clean-cache clean-venv
 
 setup: sysdeps $(STAMP)
 
@@ -32,15 +32,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Open vSwitch for the benchmark peers (hvnet bench e2e and its tests), installed as
+# the bench installs it: Debian's package, its own service never started.
+peers: setup
+	$(PY) -c 'from hvnet import ovs; ovs.ensure_installed(print)' \
+	  || echo "Open vSwitch is not installed: its tests will be skipped"
+
 demo: setup
 	$(VENV)/bin/hvnet demo
 
-test: setup
+test: setup peers
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) -m pytest -q bench --benchmark-enable --benchmark-only
 	$(VENV)/bin/hvnet bench fastpath
+	$(VENV)/bin/hvnet bench ring
 
 # numba keys its cache by each function's own file: after editing a helper that
 # kernels in other modules inline, drop the cache or they keep the old code.

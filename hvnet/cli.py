@@ -490,6 +490,12 @@ def cmd_bench(a) -> int:
             for e in r["errors"]:
                 err.print(f"[red]{e}[/red]")
         return 1 if r["errors"] else 0
+    if a.what == "e2e":
+        if os.geteuid() != 0:
+            raise CliError("bench e2e builds its peers and topologies in network namespaces "
+                           "(and may install Open vSwitch): run it as root", 2)
+        from . import e2e_bench
+        return e2e_bench.main(a, out, err)
     raise CliError(f"unknown benchmark {a.what!r}", 2)
 
 
@@ -589,32 +595,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["fastpath", "switch", "ring", "vmq"],
+    s.add_argument("what", choices=["fastpath", "switch", "ring", "vmq", "e2e"],
                    help="fastpath: in-memory pipeline; switch: two namespaces through the "
                    "switch beside a veth pair and a Linux bridge; ring: NetVSC to NetVSP "
                    "through the VMBus ring across two processes; vmq: uplink to two VMs, "
-                   "one receive queue against two")
+                   "one receive queue against two; e2e: every hvnet path beside veth, "
+                   "bridge and Open vSwitch (TCP, packet rate, RFC 2544 zero loss, "
+                   "latency), written as Markdown, JSON and PNG")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--seconds", type=float, default=5.0, help="measuring time (default 5)")
+    s.add_argument("--seconds", type=float, help="measuring time (default 5; e2e: per TCP "
+                   "test, 5, or 1 with --quick)")
     s.add_argument("--batch", type=int, default=256, help="(fastpath) batch size")
     s.add_argument("--no-peer", action="store_true",
                    help="(fastpath) skip the plain-Python peer measured beside it")
-    s.add_argument("--repeats", type=int, default=1, help="(switch, vmq) rounds (default 1)")
+    s.add_argument("--repeats", type=int, help="(switch, vmq, e2e) rounds (default 1; "
+                   "e2e: 3, or 1 with --quick)")
     s.add_argument("--paths", help="(switch) comma-separated: veth, bridge, tap-tap, "
                    "synthetic, e1000-synthetic, synthetic-e1000, internal-uplink, "
-                   "internal-uplink-v3 (default: veth, bridge, tap-tap, synthetic, "
-                   "internal-uplink)")
+                   "internal-uplink-v3, vmq (default: veth, bridge, tap-tap, synthetic, "
+                   "internal-uplink); (e2e) the hvnet paths: internal-uplink, synthetic, "
+                   "e1000-synthetic, vmq, tap-tap (default: all but tap-tap)")
+    s.add_argument("--peers", help="(e2e) comma-separated: veth, bridge, ovs-afpacket, "
+                   "ovs-afxdp (default: all; an empty list for none)")
+    s.add_argument("--quick", action="store_true",
+                   help="(e2e) one round of short trials, latency at 64 bytes only")
+    s.add_argument("--out", default="e2e-results",
+                   help="(e2e) folder for e2e.md, e2e.json and the plots "
+                   "(default ./e2e-results)")
     s.set_defaults(func=cmd_bench)
     return p
 
 
 def _check(a) -> None:
     if a.cmd == "bench":
-        if a.seconds <= 0:
+        if a.what != "e2e":
+            a.seconds = 5.0 if a.seconds is None else a.seconds
+            a.repeats = 1 if a.repeats is None else a.repeats
+        if a.seconds is not None and a.seconds <= 0:
             raise CliError("--seconds must be positive", 2)
         if not 1 <= a.batch <= 4096:
             raise CliError(f"--batch {a.batch} out of range 1..4096", 2)
-        if not 1 <= a.repeats <= 20:
+        if a.repeats is not None and not 1 <= a.repeats <= 20:
             raise CliError(f"--repeats {a.repeats} out of range 1..20", 2)
     if a.cmd == "capture" and (a.count < 0 or a.seconds < 0):
         raise CliError("--count and --seconds cannot be negative", 2)

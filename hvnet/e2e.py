@@ -216,6 +216,7 @@ class Path:
     client_ns: str
     server_ns: str
     server_ip: str
+    client_ip: str = A_IP
 
 
 def _default_prefix() -> str:
@@ -286,23 +287,93 @@ def bridge_peer(prefix: str | None = None) -> Iterator[Path]:
 class _Test:
     metric: str          # the key of the measurement's dict that the table shows
     unit: str
-    run: Callable[[Path, float], dict]
+    run: Callable[[Path, float, "Session"], dict]
+
+
+class Session:
+    """What the tests of one built path share: the packet generator's two processes
+    (started at the first test that needs them, ended before the path goes) and the
+    zero-loss rates found so far, which the latency tests load the path at."""
+
+    def __init__(self, path: Path, trial_s: float = 2.0, steps: int = 6):
+        self.path, self.trial_s, self.steps = path, trial_s, steps
+        self.zero_loss: dict[int, float] = {}
+        self._pair = None
+
+    def pair(self):
+        from . import pktgen
+        if self._pair is None:
+            p = pktgen.Pair(self.path.client_ns, self.path.server_ns,
+                            self.path.client_ip, self.path.server_ip)
+            self._pair = p.__enter__()
+        return self._pair
+
+    def close(self) -> None:
+        if self._pair is not None:
+            self._pair.__exit__(None, None, None)
+            self._pair = None
+
+
+def _pps(size: int) -> Callable[[Path, float, Session], dict]:
+    def run(path: Path, seconds: float, sess: Session) -> dict:
+        t = sess.pair().trial(size, 0, seconds)
+        return {"pps": t["rx_fps"], "offered_pps": t["offered_fps"],
+                "loss_pct": t["loss_pct"], "p50_us": t.get("p50_us")}
+    return run
+
+
+def _zero_loss(size: int) -> Callable[[Path, float, Session], dict]:
+    def run(path: Path, seconds: float, sess: Session) -> dict:
+        from . import pktgen
+        z = pktgen.zero_loss(sess.pair(), size, sess.trial_s, sess.steps)
+        sess.zero_loss[size] = z["fps"]
+        return {"pps": z["fps"], "gbit_s": z["gbit_s"], "bound": z["bound"],
+                "top_offered_pps": z["top_offered_fps"], "top_rx_pps": z["top_rx_fps"],
+                "trials": [{k: t[k] for k in ("rate", "offered_fps", "sent", "received",
+                                              "lost")} for t in z["trials"]]}
+    return run
+
+
+def _latency(size: int, pct: int) -> Callable[[Path, float, Session], dict]:
+    def run(path: Path, seconds: float, sess: Session) -> dict:
+        fps = sess.zero_loss.get(size)
+        if not fps:
+            raise RuntimeError(f"no zero-loss rate at {size} bytes in this round "
+                               f"(zl{size} failed, found 0 or did not run first)")
+        t = sess.pair().trial(size, fps * pct / 100, sess.trial_s)
+        if not t.get("samples"):
+            raise RuntimeError(f"no frame arrived at {pct}% of {fps:.0f} frames/s")
+        return {k: t[k] for k in ("p50_us", "p99_us", "p999_us", "max_us", "mean_us",
+                                  "loss_pct", "offered_fps")}
+    return run
 
 
 def _test(name: str) -> _Test:
-    """``tcpN`` (N streams), ``udpN`` (N-byte datagrams) or ``ping``."""
+    """``tcpN`` (N streams), ``udpN`` (iperf3, N-byte datagrams), ``ping``, and with
+    the packet generator (hvnet/pktgen.py): ``ppsN`` (N-byte frames as fast as one
+    sender goes, received per second), ``zlN`` (RFC 2544 zero-loss rate at N-byte
+    frames) and ``latN@P`` (one-way latency percentiles at P% of that rate; runs
+    after ``zlN`` in the same round)."""
     # Module globals are looked up at call time, so tests can stand in for them.
     if m := re.fullmatch(r"tcp(\d+)", name):
         n = int(m.group(1))
-        return _Test("gbit_s", "Gbit/s", lambda p, s: tcp(p.client_ns, p.server_ns,
-                                                           p.server_ip, streams=n, seconds=s))
+        return _Test("gbit_s", "Gbit/s", lambda p, s, x: tcp(p.client_ns, p.server_ns,
+                                                              p.server_ip, streams=n,
+                                                              seconds=s))
     if m := re.fullmatch(r"udp(\d+)", name):
         n = int(m.group(1))
-        return _Test("pps", "pps", lambda p, s: udp_pps(p.client_ns, p.server_ns,
-                                                        p.server_ip, seconds=s, size=n))
+        return _Test("pps", "pps", lambda p, s, x: udp_pps(p.client_ns, p.server_ns,
+                                                           p.server_ip, seconds=s, size=n))
     if name == "ping":
-        return _Test("rtt_avg_us", "us", lambda p, s: ping(p.client_ns, p.server_ip))
-    raise ValueError(f"unknown test {name!r}: tcpN, udpN or ping")
+        return _Test("rtt_avg_us", "us", lambda p, s, x: ping(p.client_ns, p.server_ip))
+    from .pktgen import MAX_SIZE, MIN_SIZE
+    if (m := re.fullmatch(r"(pps|zl)(\d+)", name)) and MIN_SIZE <= int(m[2]) <= MAX_SIZE:
+        return _Test("pps", "pps", (_pps if m[1] == "pps" else _zero_loss)(int(m[2])))
+    if ((m := re.fullmatch(r"lat(\d+)@(\d+)", name)) and MIN_SIZE <= int(m[1]) <= MAX_SIZE
+            and 0 < int(m[2]) <= 100):
+        return _Test("p99_us", "us", _latency(int(m[1]), int(m[2])))
+    raise ValueError(f"unknown test {name!r}: tcpN, udpN, ping, ppsN, zlN or latN@P "
+                     f"(N-byte frames, {MIN_SIZE}..{MAX_SIZE}; P% of zlN's rate)")
 
 
 def _cpu_times() -> list[tuple[int, int]]:
@@ -343,12 +414,30 @@ def machine() -> dict:
             "loadavg_at_start": list(os.getloadavg()), "iperf3": iperf.strip()}
 
 
+def _one(r, repeats, path, t, spec, seconds, sess, runs, errors, say) -> None:
+    try:
+        cpu0 = _cpu_times()
+        res = spec.run(path, seconds, sess)
+        # Busy share of each CPU, whoever used it: on a shared
+        # machine this is how to tell a slow path from a busy one.
+        res["cpu_busy_pct"] = _busy_pct(cpu0, _cpu_times())
+    except (RuntimeError, OSError) as e:
+        errors.append(f"round {r + 1} {t}: {e}")
+        say(f"round {r + 1}/{repeats}: {path.name} {t}: FAILED: {e}")
+        return
+    runs[t].append({"round": r + 1, **res})
+    say(f"round {r + 1}/{repeats}: {path.name} {t}: {res[spec.metric]:.4g} {spec.unit}")
+
+
 def compare(paths: list[Callable[[str], ContextManager[Path]]],
             tests: tuple[str, ...] = ("tcp1", "tcp4", "udp64"), seconds: float = 5,
             repeats: int = 1, progress: Callable[[str], None] | None = None,
-            prefix: str | None = None) -> dict:
+            prefix: str | None = None, trial_s: float = 2.0, steps: int = 6,
+            step: Callable[[], None] | None = None) -> dict:
     """Run every test on every path, ``repeats`` rounds, each round building every path
-    in turn (called as ``factory(prefix)``) and tearing it down again.
+    in turn (called as ``factory(prefix)``) and tearing it down again. ``trial_s`` and
+    ``steps`` are the packet generator's trial length and binary-search steps;
+    ``step`` is called after each test (a progress bar's advance).
 
     A failed build or test is recorded (``errors``) and the comparison goes on, so
     one broken path does not lose the others' figures."""
@@ -367,20 +456,15 @@ def compare(paths: list[Callable[[str], ContextManager[Path]]],
             try:
                 with factory(prefix) as path:
                     names[i] = names[i] or path.name
-                    for t, spec in specs.items():
-                        try:
-                            cpu0 = _cpu_times()
-                            res = spec.run(path, seconds)
-                            # Busy share of each CPU, whoever used it: on a shared
-                            # machine this is how to tell a slow path from a busy one.
-                            res["cpu_busy_pct"] = _busy_pct(cpu0, _cpu_times())
-                        except RuntimeError as e:
-                            errors[i].append(f"round {r + 1} {t}: {e}")
-                            say(f"round {r + 1}/{repeats}: {path.name} {t}: FAILED: {e}")
-                            continue
-                        runs[i][t].append({"round": r + 1, **res})
-                        say(f"round {r + 1}/{repeats}: {path.name} {t}: "
-                            f"{res[spec.metric]:.4g} {spec.unit}")
+                    sess = Session(path, trial_s=trial_s, steps=steps)
+                    try:
+                        for t, spec in specs.items():
+                            _one(r, repeats, path, t, spec, seconds, sess, runs[i], errors[i],
+                                 say)
+                            if step:
+                                step()
+                    finally:
+                        sess.close()
             except (RuntimeError, OSError) as e:
                 errors[i].append(f"round {r + 1} build/teardown: {e}")
                 say(f"round {r + 1}/{repeats}: {label}: FAILED: {e}")
@@ -402,6 +486,13 @@ def compare(paths: list[Callable[[str], ContextManager[Path]]],
                     "ratio": None}
             if values:
                 cell.update(median=statistics.median(values), min=min(values), max=max(values))
+            # The median of every other figure the runs report (latency percentiles...).
+            numeric = {k for run in runs[i][t] for k, v in run.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k != "round"}
+            cell["medians"] = {k: statistics.median(vs) for k in sorted(numeric)
+                               if (vs := [run[k] for run in runs[i][t]
+                                          if isinstance(run.get(k), (int, float))])}
             results[key][t] = cell
         results[key]["errors"] = errors[i]
 
@@ -415,7 +506,7 @@ def compare(paths: list[Callable[[str], ContextManager[Path]]],
 
     return {"machine": info,
             "settings": {"tests": list(tests), "seconds": seconds, "repeats": repeats,
-                         "prefix": prefix,
+                         "prefix": prefix, "trial_s": trial_s, "steps": steps,
                          "ratio": "median / median of the veth path" if ref is not None
                          else None},
             "paths": keys, "results": results}

@@ -11,7 +11,10 @@ paths brought up by the real daemon (``hvnet up``):
 - ``hvnet internal-uplink``: the host vNIC (internal port, a tap) to a host on the
   physical network behind the uplink (AF_PACKET rings on a veth, a Linux bridge
   on the far side); ``internal-uplink-v3`` the same with TPACKET_V3 rings (not
-  run by default; ``--paths`` picks).
+  run by default; ``--paths`` picks);
+- ``hvnet vmq``: a host on the physical network to a synthetic VM whose NIC owns a
+  VMQ queue of the uplink (its frames skip the forwarding lookup and are switched
+  by the queue's own worker thread).
 
 Measurements and the table come from hvnet.e2e (iperf3 TCP with 1 and 4 streams,
 64-byte UDP packets per second, ping), every path built and torn down per round,
@@ -64,6 +67,14 @@ switches: {{sw0: {{uplink: {{mtu: 1500}}}}}}
 host: [{{switch: sw0, namespace: a, mac: "{a_mac}", addresses: [{a_ip}/24]}}]
 physical:
   b: {{switch: sw0, mac: "{b_mac}", addresses: [{b_ip}/24]}}
+""",
+    "vmq": """
+name: {name}
+switches: {{sw0: {{uplink: {{mtu: 1500, vmq: {{queues: 2}}}}}}}}
+vms:
+  b: {{nics: [{{switch: sw0, kind: synthetic, mac: "{b_mac}", addresses: [{b_ip}/24]}}]}}
+physical:
+  a: {{switch: sw0, mac: "{a_mac}", addresses: [{a_ip}/24]}}
 """,
     "internal-uplink-v3": """
 name: {name}

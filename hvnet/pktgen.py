@@ -3,14 +3,17 @@ RFC 2544 zero-loss and latency measurements of ``hvnet bench e2e``.
 
 Both ends run as child processes in the namespaces of the path under test, one
 per end, for as long as the path is built; the parent sends them one JSON
-command per line on stdin and reads one JSON answer per line (``Generator``).
+command per line on stdin and reads one JSON answer per line (``Pair``).
 
 - **Sender** (client namespace): an AF_PACKET raw socket on the interface that
   holds the client's address, bypassing the qdisc like trafgen. One compiled loop
   (``send_paced``) writes each frame's sequence number and the CLOCK_REALTIME
-  time just before its ``send()``: frames go out evenly spaced at the asked rate
-  (RFC 2544 section 23: a constant rate), by spinning on the clock between frames
-  closer than SLEEP_NS and sleeping longer gaps away; a late frame goes at once.
+  time just before its ``send()``, at the asked rate (RFC 2544 section 23: a
+  constant rate). Between frames it sleeps (timer slack 1 ns) and spins only when
+  the next is due within SLEEP_NS; a frame that is late goes at once. So a late
+  wake-up sends a few frames back to back: the price of not taking a whole core
+  from the path under test, which on two cores shares them with the generator
+  (spinning, pinned VMQ workers lost frames at a tenth of their rate).
   Rate 0 is as fast as one core can send.
 - **Receiver** (server namespace): an AF_PACKET TPACKET_V3 ring on the server's
   interface, so frames are counted where they leave the path (RFC 2544's output
@@ -26,6 +29,7 @@ frame handed to the kernel is 4 bytes shorter.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -44,8 +48,9 @@ from switch.syscalls import clock_gettime, clock_nanosleep, send
 
 CLOCK_REALTIME = 0
 TIMER_ABSTIME = 1
-SLEEP_NS = 80_000          # gaps longer than this are slept (this VM wakes ~50 us late)
-SPIN_NS = 60_000           # ... to this much before the frame is due, then spun
+PR_SET_TIMERSLACK = 29
+SLEEP_NS = 10_000          # a frame due later than this is slept for ...
+SPIN_NS = 0                # ... until this long before it is due, then spun to
 FCS = 4
 MIN_SIZE, MAX_SIZE = 64, 1518
 HDRS = 14 + 20 + 8
@@ -208,6 +213,8 @@ class Sender:
         self.sock.bind((self.ifname, 0))
         self.ts = np.zeros(4, dtype=np.int64)
         self.out = np.zeros(4, dtype=np.int64)
+        # Sleeps end when asked, not up to 50 us later (the default timer slack).
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
 
     def send(self, size: int, rate: float, seconds: float, trial: int, dst_mac: str,
              dst_ip: str, port: int) -> dict:

@@ -59,6 +59,43 @@ class ExtensionFault(Exception):
                          f"{type(exc).__name__}: {exc}; {packets} packet(s) dropped")
 
 
+class DataPathLock:
+    """The switch's data-path lock (re-entrant), which the data-path thread hands over.
+
+    CPython's locks are not fair: the data-path thread releases and retakes this
+    lock between every two batches, and a thread blocked on it (a VMQ queue's worker,
+    a control operation) was seen waiting for as long as traffic flowed, its queue
+    filling and dropping meanwhile. ``hand_over``, called by the data-path thread
+    between batches, lets such a thread in first, waiting at most ``limit_s``."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    def __enter__(self):
+        if not self._lock.acquire(blocking=False):
+            with self._count:
+                self.waiting += 1
+            try:
+                self._lock.acquire()
+            finally:
+                with self._count:
+                    self.waiting -= 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def hand_over(self, limit_s: float = 0.001) -> None:
+        if not self.waiting:
+            return
+        deadline = time.monotonic() + limit_s
+        # sleep(0) lets go of the GIL, which the woken waiter needs to take the lock.
+        while self.waiting and time.monotonic() < deadline:
+            time.sleep(0)
+
+
 class SwitchHandle:
     """What an installed extension sees of the switch."""
 
@@ -172,7 +209,7 @@ class Switch:
         self._injected: collections.deque = collections.deque()
         self._depth = 0
         self._raise_later: list[Exception] = []
-        self._dp_lock = threading.RLock()
+        self._dp_lock = DataPathLock()
         # Inside ``Switch.run``: the descriptors its last epoll found readable, for
         # the poll right after it (empty for the polls after that), so a kind may
         # skip system calls on the others. None outside run: nothing is known.
@@ -526,6 +563,7 @@ class Switch:
                     b.n = k.dispatch(b)       # frames of queues with their own workers
                 if b.n:
                     self.process(b, k.steer)
+            self._dp_lock.hand_over()
         return got
 
     def warm(self) -> None:

@@ -72,6 +72,22 @@ def take_queue(meta, data, n, q, out_meta, out_data):
 
 
 @kernel
+def append_batch(meta, data, n, cursor, src_meta, src_data, src_n, src_cursor):
+    """Append a whole lane batch (its arena in one copy) behind ``n`` frames, if it
+    fits; else nothing. Returns (n, cursor)."""
+    cap = meta.shape[1] - ROW_PAD
+    if (n + src_n > cap or src_cursor < 0 or src_cursor > src_data.shape[0]
+            or cursor + src_cursor > data.shape[0]):
+        return n, cursor
+    copy_bytes(data, cursor, src_data, 0, src_cursor)
+    for i in range(src_n):
+        for f in range(NFIELDS):
+            meta[f, n + i] = src_meta[f, i]
+        meta[OFF, n + i] += cursor
+    return n + src_n, (cursor + src_cursor + ALIGN - 1) & ~(ALIGN - 1)
+
+
+@kernel
 def drop_queue(meta, n, q, reason):
     for i in range(n):
         if meta[QUEUE, i] == q and meta[DROP, i] == 0:
@@ -99,6 +115,8 @@ class QueueWorkers:
                                    for _ in range(depth)])
                       for q in range(1, vmq.num_queues + 1)}
         self.per_queue = np.zeros(vmq.num_queues + 1, dtype=np.int64)
+        a = self.lanes[1].free[0] if self.lanes else PacketBatch(LANE_CAPACITY, 4096)
+        append_batch(a.meta, a.data, 0, 0, a.meta, a.data, 0, 0)   # compiled before traffic
         self.stop_event = threading.Event()
         self.dispatcher: int | None = None          # the data-path thread's ident
         self._balancer: threading.Thread | None = None
@@ -170,14 +188,35 @@ class QueueWorkers:
         steer = self.vmq.steer
         process = self.switch.process
         q_cpu = self.vmq.q_cpu
+        carry = None
         while not self.stop_event.is_set():
-            b = lane.ready.get()
+            b = carry if carry is not None else lane.ready.get()
+            carry = None
             if b is None:
                 break
             cpu = int(q_cpu[lane.q])
             if cpu != lane.cpu:
                 _pin(cpu)
                 lane.cpu = cpu
+            # A worker behind its queue switches what waits as one batch: the cost
+            # of a batch is mostly per batch, and the dispatcher hands over one per
+            # receive, however few frames it had.
+            while b.n < b.capacity:
+                try:
+                    nxt = lane.ready.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    carry = None
+                    self.stop_event.set()
+                    break
+                n, b.cursor = append_batch(b.meta, b.data, b.n, b.cursor, nxt.meta, nxt.data,
+                                           nxt.n, nxt.cursor)
+                if n == b.n:
+                    carry = nxt               # does not fit: it goes next, in order
+                    break
+                b.n = n
+                lane.free.append(nxt)
             try:
                 process(b, steer)
             except Exception:                 # reported, and the queue keeps running

@@ -92,6 +92,14 @@ class _ChannelData:
         self.sbuf = (sb.gpa, sb.size, sb.section_size) if sb is not None else (0, 0, 0)
 
 
+def _sync_send_buffer(cd: _ChannelData) -> None:
+    """Follow the channel's send buffer (a subchannel's is its primary's): one granted
+    late (d.5 allows SEND_SEND_BUF after INIT) or revoked (sections then refused)."""
+    sb = cd.nc.send_buf
+    if cd.sb is not sb:
+        cd.set_send_buffer(sb if sb is not None and sb.gpa is not None else None)
+
+
 class SyntheticPorts(PortKind):
     name = "synthetic"
 
@@ -256,6 +264,7 @@ class SyntheticPorts(PortKind):
         nc = cd.nc
         if nc.closed:
             return n, cursor
+        _sync_send_buffer(cd)
         sig = nc.ch.signal
         if sig is not None and (ready is None or sig.fd in ready):
             sig.take()                   # before reading the ring, so no ring is missed
@@ -278,6 +287,9 @@ class SyntheticPorts(PortKind):
                 nc.poll(1)
                 if nc.closed:
                     break
+                # A send buffer granted by that message is used by the data packets
+                # right behind it (the guest sends them once it has the completion).
+                _sync_send_buffer(cd)
                 continue
             if why < 0:
                 nc.poll(1)

@@ -306,6 +306,42 @@ def test_a_send_buffer_given_late_is_used_by_the_data_path():
         ram.close()
 
 
+def test_data_right_behind_a_late_send_buffer_uses_it():
+    """SEND_SEND_BUF and the first data packet in the ring together (the host read
+    neither yet): the data path takes the buffer the control message just granted,
+    in the same pass over the ring, not at its next poll (a race the full suite
+    met: the guest sends as soon as it has the completion)."""
+    host, ram, client, pages = start()
+    try:
+        nic = Netvsc(ram, client, pages, timeout=30)
+        nic.open()
+        nic.negotiate()
+        c = nic.client
+        nic.recv_gpa = pages.alloc(nic.recv_size)
+        nic.recv_gpadl = c.create_gpadl(nic.relid, nic.recv_gpa, nic.recv_size)
+        t, m = N.decode_message(nic._completion(nic._send(
+            N.nvsp_send_receive_buffer(nic.recv_gpadl)), "SEND_RECV_BUF"), completion=True)
+        assert int(m["status"]) == N.STATUS_SUCCESS
+        nic.rndis_init()
+        wait(lambda: host.vm_port.port_id in host.syn._data, "the data path attached")
+        nic.send_gpa = pages.alloc(nic.send_size)
+        nic.send_gpadl = c.create_gpadl(nic.relid, nic.send_gpa, nic.send_size)
+        nic.send_section_size = N.SEND_SECTION_SIZE
+        nic.send_section_count = nic.send_size // nic.send_section_size
+        frames = [raw(Ether(src=VM_MAC, dst=PEER_MAC) / IP() / UDP() / bytes(80))]
+        with host.lock:                                   # the host between two polls
+            tid = nic._send(N.nvsp_send_send_buffer(nic.send_gpadl))
+            guest_send(nic, ram, pages, frames)
+        t, m = N.decode_message(nic._completion(tid, "SEND_SEND_BUF"), completion=True)
+        assert int(m["status"]) == N.STATUS_SUCCESS
+        assert int(m["section_size"]) == N.SEND_SECTION_SIZE
+        wait(lambda: host.got == frames, "the frame through the data path", t=5)
+        assert not host.syn.port_info(host.vm_port.port_id)["dropped"]
+    finally:
+        host.close()
+        ram.close()
+
+
 # ======================================================================= hostile, handled
 
 def test_guest_that_never_completes_receives_is_bounded(vm):

@@ -402,7 +402,7 @@ class Pair:
         self._send(end, cmd)
         return self._answer(end, timeout)
 
-    def trial(self, size: int, rate: float, seconds: float, settle: float = 0.2) -> dict:
+    def trial(self, size: int, rate: float, seconds: float, settle: float = 0.1) -> dict:
         """Offer ``size``-byte frames at ``rate`` frames/s (0: as fast as the sender can)
         for ``seconds``; count what arrives, ``settle`` seconds after the last one left."""
         self.trials = self.trials % 0xFFFE + 1

@@ -1,0 +1,1 @@
+"""SR-IOV: the vfio UAPI, SR-IOV management, the software SR-IOV NIC and its VF driver."""

@@ -37,11 +37,10 @@ import numpy as np
 
 from .batch import DMAC, DROP, F_VLAN, FLAGS, HASH, HASH_TYPE, LEN, QPORT, QUEUE, SRC_PORT, TCI
 from .kernel import kernel
+from .rxfilter import VLAN_ANY, VLAN_UNTAGGED_OR_ZERO, vlan_matches
 from .toeplitz import DEFAULT_KEY, LINUX_HASHINFO, check_hash_types, key_table, packet_hash
 
 MAX_TABLE = 128           # indirection entries (NDIS's largest for a VPort)
-VLAN_UNTAGGED_OR_ZERO = -1  # a MAC-only filter as the switch sets it (3.1)
-VLAN_ANY = -2               # a MAC-only filter without the flag: any VLAN matches
 _RUNNING = 3                # QueueState.RUNNING, as a plain int for the kernel
 
 
@@ -78,14 +77,7 @@ def steer_batch(meta, n, port_id, f_mac, f_vlan, f_queue, q_state, q_port, q_rss
                 fq = f_queue[f]
                 if fq <= 0 or fq >= nq or (q != 0 and fq >= q) or f_mac[f] != dmac:
                     continue
-                fv = f_vlan[f]
-                if fv == VLAN_UNTAGGED_OR_ZERO:
-                    ok = vid == 0
-                elif fv == VLAN_ANY:
-                    ok = True
-                else:
-                    ok = tagged and vid != 0 and vid == fv
-                if ok and q_state[fq] == running:
+                if vlan_matches(f_vlan[f], tagged, vid) and q_state[fq] == running:
                     q = fq                       # the lowest matching queue wins
             if q != 0:
                 r = q_rss[q]

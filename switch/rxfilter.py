@@ -1,0 +1,26 @@
+"""NDIS receive filters: a destination MAC, and optionally a VLAN, tested by
+equality (vswitch_vmq_sriov.md 3.1 and 4.1; checklist 32-33). They steer frames
+to VMQ queues (switch/vmq.py) and to the VPorts of an SR-IOV NIC's embedded
+switch (sriov/eswitch.py), with one rule for both:
+
+- a MAC-only filter as the switch sets it (VLAN_UNTAGGED_OR_ZERO) matches
+  untagged and VLAN-0 frames only;
+- a MAC-only filter without that flag (VLAN_ANY) matches any VLAN;
+- a MAC+VLAN filter matches frames tagged with that VLAN, never untagged ones.
+"""
+from __future__ import annotations
+
+from .kernel import helper
+
+VLAN_UNTAGGED_OR_ZERO = -1
+VLAN_ANY = -2
+
+
+@helper
+def vlan_matches(fv, tagged, vid):
+    """Whether a filter's VLAN ``fv`` takes a frame (``vid`` 0 when untagged)."""
+    if fv == VLAN_UNTAGGED_OR_ZERO:
+        return vid == 0
+    if fv == VLAN_ANY:
+        return True
+    return tagged and vid != 0 and vid == fv

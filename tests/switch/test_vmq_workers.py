@@ -64,7 +64,9 @@ def _drain(sw, mem, w, depth, timeout=30):
 
 
 def test_each_queue_is_switched_by_its_worker_to_its_port_only():
-    sw, mem, up, vms, vmq, w, qs = _rig()
+    # Lanes deep enough for all of it (4 receives of up to 86 frames per queue, two
+    # lane batches each): nothing may depend on when the workers get to run.
+    sw, mem, up, vms, vmq, w, qs = _rig(depth=16)
     seen = {}
     orig = sw.process
 
@@ -80,9 +82,10 @@ def test_each_queue_is_switched_by_its_worker_to_its_port_only():
             frames += [_frames(MACS[0], 1, b"A")[0], _frames(MACS[1], 1, b"B")[0],
                        _frames(MACS[2], 1, b"C")[0]]
         mem.inject(up, frames)
-        got = _drain(sw, mem, w, 4)
+        got = _drain(sw, mem, w, 16)
     finally:
         w.stop()
+    assert all(lane.full_drops == 0 for lane in w.lanes.values())
     dst = {p.port_id: [Ether(f).dst for f in got.get(p.port_id, [])] for p in vms}
     # C is unknown unicast: flooded to every VM port; A and B reach their owners only
     assert sorted(dst[vms[0].port_id]) == sorted([MACS[0]] * 300 + [MACS[2]] * 300)

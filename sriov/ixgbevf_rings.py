@@ -1,0 +1,189 @@
+"""The 82599 VF's queue pair 0: advanced descriptors in guest memory, reached
+through the one IOMMU mapping the driver made (vfio DMA_MAP of its RAM), frames to
+and from switch batches (e1000_vfio.md B.10 for the registers; the layouts are
+Linux's ixgbe_type.h, union ixgbe_adv_rx_desc / ixgbe_adv_tx_desc).
+
+- Transmit: data descriptors (DTYP 3, DEXT) from TDH to TDT; their buffers are
+  gathered into one frame until EOP; RS gets DD written back into the
+  descriptor's status word. Context descriptors (DTYP 2) carry offloads this
+  model does not do yet: they are skipped and counted.
+- Receive: each frame takes descriptors from RDH up to RDT (the tail the driver
+  gave back), one buffer of SRRCTL.BSIZEPKT KiB each; the write-back puts the
+  length and DD (EOP on the last) where the buffer address was, as the hardware
+  does. A frame finding too few descriptors is dropped and counted (SRRCTL.DROP_EN
+  is the only mode here).
+
+The guest is hostile: a ring whose length, position or head/tail make no sense is
+not run (counted, until the driver fixes it); a buffer outside the mapping drops
+that frame, counted; nothing is read or written outside ``mem``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from switch.batch import ALIGN, LEN, OFF, ROW_PAD, copy_bytes, init_packet
+from switch.byteorder import le32, put_le, put_le32
+from switch.kernel import helper, kernel
+
+RX_BASE, TX_BASE = 0x1000, 0x2000                    # queue 0
+R_BAL, R_BAH, R_LEN, R_HEAD, R_SRRCTL, R_TAIL, R_DCTL = 0x00, 0x04, 0x08, 0x10, 0x14, 0x18, 0x28
+DCTL_ENABLE = 0x02000000
+SRRCTL_BSIZEPKT = 0x1F                               # KiB units
+SRRCTL_DROP_EN = 0x10000000
+RXD_STAT_DD, RXD_STAT_EOP = 0x01, 0x02
+TXD_DTYP_SHIFT, TXD_DTYP_DATA, TXD_DTYP_CTXT = 20, 3, 2
+TXD_CMD_EOP, TXD_CMD_IFCS, TXD_CMD_RS, TXD_CMD_DEXT = 0x01000000, 0x02000000, 0x08000000, \
+    0x20000000
+TXD_STAT_DD = 0x01
+VTEICR = 0x0100
+EICR_RTX_Q0 = 0x01                                   # queue 0's cause (VTIVAR default)
+MAX_FRAME = 9728                                     # jumbo, as ixgbevf's max_mtu allows
+# stats[]
+S_TX_FRAMES, S_TX_DESC, S_TX_BAD_DMA, S_TX_CTXT, S_TX_RUNT, S_RING_ERROR, \
+    S_RX_FRAMES, S_RX_NO_DESC, S_RX_BAD_DMA, S_RX_TOO_BIG = range(10)
+NSTATS = 10
+# tx_state[]: a frame being gathered across calls
+T_SIZE, T_BAD = 0, 1
+
+
+@helper
+def _le64(a, p):
+    return le32(a, p) | (le32(a, p + 4) << 32)
+
+
+@helper
+def _ring(regs, base, mem_size, iova, iova_size):
+    """(offset in mem, descriptors, head, tail) of a queue's ring, or ndesc -1 when
+    the driver's registers make no sense."""
+    ln = np.int64(regs[(base + R_LEN) >> 2])
+    addr = np.int64(regs[(base + R_BAL) >> 2]) | (np.int64(regs[(base + R_BAH) >> 2]) << 32)
+    nd = ln // 16
+    off = addr - iova
+    head = np.int64(regs[(base + R_HEAD) >> 2])
+    tail = np.int64(regs[(base + R_TAIL) >> 2])
+    if (ln <= 0 or ln % 128 != 0 or addr % 128 != 0 or off < 0 or off > iova_size - ln
+            or off > mem_size - ln or head >= nd or tail >= nd):
+        return off, np.int64(-1), head, tail
+    return off, nd, head, tail
+
+
+@kernel
+def vf_transmit(mem, iova, iova_size, regs, txs, meta, data, n, cursor, src_port, stats):
+    """Descriptors from TDH to TDT into the batch from slot ``n``. Returns (n, cursor,
+    interrupt causes)."""
+    if np.int64(regs[(TX_BASE + R_DCTL) >> 2]) & DCTL_ENABLE == 0:
+        return n, cursor, 0
+    off, nd, h, t = _ring(regs, TX_BASE, mem.shape[0], iova, iova_size)
+    if nd < 0:
+        stats[S_RING_ERROR] += 1
+        return n, cursor, 0
+    cap = meta.shape[1] - ROW_PAD
+    cause = 0
+    while h != t:
+        if txs[T_SIZE] == 0 and (n >= cap or cursor > data.shape[0] - MAX_FRAME):
+            break                                    # a new frame needs room: next call
+        d = off + h * 16
+        addr = _le64(mem, d)
+        ctl = le32(mem, d + 8)
+        stats[S_TX_DESC] += 1
+        if (ctl >> TXD_DTYP_SHIFT) & 0xF != TXD_DTYP_DATA or ctl & TXD_CMD_DEXT == 0:
+            stats[S_TX_CTXT] += 1                    # context (offloads): not modelled
+        else:
+            ln = ctl & 0xFFFF
+            b = addr - iova
+            size = txs[T_SIZE]
+            if (txs[T_BAD] == 0 and ln >= 0 and b >= 0 and b <= iova_size - ln
+                    and b <= mem.shape[0] - ln and size + ln <= MAX_FRAME):
+                copy_bytes(data, cursor + size, mem, b, ln)
+                txs[T_SIZE] = size + ln
+            elif txs[T_BAD] == 0:
+                txs[T_BAD] = 1
+                stats[S_TX_BAD_DMA] += 1
+            if ctl & TXD_CMD_EOP:
+                size = txs[T_SIZE]
+                if txs[T_BAD] == 0 and size >= 14:
+                    init_packet(meta, n, cursor, size, src_port, 0)
+                    n += 1
+                    cursor = (cursor + size + ALIGN - 1) & ~(ALIGN - 1)
+                    stats[S_TX_FRAMES] += 1
+                elif txs[T_BAD] == 0:
+                    stats[S_TX_RUNT] += 1
+                txs[T_SIZE] = 0
+                txs[T_BAD] = 0
+        if ctl & TXD_CMD_RS:
+            put_le32(mem, d + 12, le32(mem, d + 12) | TXD_STAT_DD)
+            cause = EICR_RTX_Q0
+        h = (h + 1) % nd
+    regs[(TX_BASE + R_HEAD) >> 2] = h
+    if cause:
+        regs[VTEICR >> 2] |= cause
+    return n, cursor, cause
+
+
+@kernel
+def vf_receive(mem, iova, iova_size, regs, meta, data, plan, j0, j1, stats):
+    """The frames ``plan[0, j0:j1]`` of the batch into the receive ring. Returns
+    (frames delivered, interrupt causes)."""
+    if np.int64(regs[(RX_BASE + R_DCTL) >> 2]) & DCTL_ENABLE == 0:
+        stats[S_RX_NO_DESC] += j1 - j0
+        return 0, 0
+    off, nd, h, t = _ring(regs, RX_BASE, mem.shape[0], iova, iova_size)
+    if nd < 0:
+        stats[S_RING_ERROR] += 1
+        stats[S_RX_NO_DESC] += j1 - j0
+        return 0, 0
+    bsize = (np.int64(regs[(RX_BASE + R_SRRCTL) >> 2]) & SRRCTL_BSIZEPKT) * 1024
+    if bsize == 0:
+        bsize = 2048
+    done = 0
+    for j in range(j0, j1):
+        i = plan[0, j]
+        ln = meta[LEN, i]
+        src = meta[OFF, i]
+        if ln <= 0 or ln > MAX_FRAME or src < 0 or src > data.shape[0] - ln:
+            stats[S_RX_TOO_BIG] += 1
+            continue
+        need = (ln + bsize - 1) // bsize
+        free = (t - h) % nd                      # [RDH, RDT) belongs to the device
+        if need > free:
+            stats[S_RX_NO_DESC] += 1
+            continue
+        ok = True                                # every buffer inside the mapping?
+        for k in range(need):
+            b = _le64(mem, off + ((h + k) % nd) * 16) - iova
+            chunk = min(bsize, ln - k * bsize)
+            if b < 0 or b > iova_size - chunk or b > mem.shape[0] - chunk:
+                ok = False
+        if not ok:
+            stats[S_RX_BAD_DMA] += 1             # the descriptors stay the driver's
+            continue
+        for k in range(need):
+            d = off + h * 16
+            b = _le64(mem, d) - iova
+            chunk = min(bsize, ln - k * bsize)
+            copy_bytes(mem, b, data, src + k * bsize, chunk)
+            put_le(mem, d, 0, 8)                  # write-back: no RSS, no packet type
+            status = RXD_STAT_DD | (RXD_STAT_EOP if k == need - 1 else 0)
+            put_le32(mem, d + 8, status)
+            put_le(mem, d + 12, chunk, 2)
+            put_le(mem, d + 14, 0, 2)
+            h = (h + 1) % nd
+        done += 1
+        stats[S_RX_FRAMES] += 1
+    regs[(RX_BASE + R_HEAD) >> 2] = h
+    cause = EICR_RTX_Q0 if done else 0
+    if cause:
+        regs[VTEICR >> 2] |= cause
+    return done, cause
+
+
+def warm() -> None:
+    """Compile both engines before traffic."""
+    from switch.batch import PacketBatch
+    b = PacketBatch(4, 1 << 16)
+    mem = np.zeros(4096, np.uint8)
+    regs = np.zeros(0x3000 // 4, np.uint32)
+    stats = np.zeros(NSTATS, np.int64)
+    vf_transmit(mem, 0, 4096, regs, np.zeros(2, np.int64), b.meta, b.data, 0, 0, 1, stats)
+    vf_receive(mem, 0, 4096, regs, b.meta, b.data, np.zeros((2, 1), np.int64), 0, 0, stats)
+

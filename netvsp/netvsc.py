@@ -96,6 +96,10 @@ class Netvsc:
         self.indications: list[int] = []
         self.on_link = None               # called with the new state on an indication
         self.host_inband: list[bytes] = []
+        # h: the VF the host associated (Linux's vf_alloc / vf_serial), and the path
+        self.vf_alloc, self.vf_serial = False, 0
+        self.vf_events: list[tuple[bool, int]] = []
+        self.datapath = N.DATAPATH_SYNTHETIC
         self._desc = np.zeros(RG.DESC_FIELDS, dtype=np.int64)
         self._ranges = np.zeros((MAX_XFER_RANGES, 2), dtype=np.int64)
         self.subchannels: list[SubChannel] = []
@@ -228,9 +232,23 @@ class Netvsc:
     def _inband(self, payload: bytes) -> None:
         """An in-band NVSP message from the host: the send table (g.2) is taken as
         netvsc_send_table takes it (16 entries, the offset checked, Linux's
-        NVSP <= 6 offset quirk); the rest are kept for whoever asks."""
-        if len(payload) >= 4 and struct.unpack_from("<I", payload)[0] == \
-                N.MSG_SEND_INDIRECTION_TABLE:
+        NVSP <= 6 offset quirk); a VF association (h.1) is recorded as Linux's
+        netvsc_send_vf records it (never completed), and a host's SWITCH_DATA_PATH
+        back to synthetic is followed; the rest are kept for whoever asks."""
+        mtype = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else -1
+        if mtype == N.MSG_SEND_VF_ASSOCIATION and len(payload) >= N.SEND_VF_ASSOCIATION.itemsize:
+            _, m = N.decode_message(payload)
+            self.vf_alloc, self.vf_serial = bool(int(m["allocated"])), int(m["serial"])
+            if not self.vf_alloc:
+                self.datapath = N.DATAPATH_SYNTHETIC
+            self.vf_events.append((self.vf_alloc, self.vf_serial))
+            return
+        if mtype == N.MSG_SWITCH_DATA_PATH and len(payload) >= N.SWITCH_DATA_PATH.itemsize:
+            _, m = N.decode_message(payload)
+            if int(m["active_datapath"]) == N.DATAPATH_SYNTHETIC:
+                self.datapath = N.DATAPATH_SYNTHETIC
+            return
+        if mtype == N.MSG_SEND_INDIRECTION_TABLE:
             try:
                 self.send_table = N.decode_indirection_table(payload, self.version)
             except ValueError:
@@ -314,6 +332,16 @@ class Netvsc:
                        completion=False)
         self._send(N.nvsp_ndis_version(*N.linux_ndis_version(self.version)), completion=False)
         return self.version
+
+    def switch_data_path(self, path: int) -> None:
+        """SWITCH_DATA_PATH (h.1) as newer Linux sends it: completion requested, and
+        the path counts as switched once the host completed it (it has moved its
+        side by then)."""
+        if path == N.DATAPATH_VF and not self.vf_alloc:
+            raise NetvscError("no VF is associated: the data path stays synthetic")
+        tid = self._send(N.nvsp_switch_data_path(path))
+        self._completion(tid, "SWITCH_DATA_PATH")
+        self.datapath = path
 
     def buffers(self) -> None:
         c = self.client

@@ -309,6 +309,7 @@ class NetvspChannel:
         self.recv_buf: ReceiveBuffer | None = None
         self.send_buf: SendBuffer | None = None
         self.datapath = N.DATAPATH_SYNTHETIC
+        self.vf_serial: int | None = None        # the VF associated with the guest (h)
         # RNDIS and NDIS state (e.3, e.7)
         self.rndis_state = "uninitialized"
         self.packet_filter = 0
@@ -380,6 +381,51 @@ class NetvspChannel:
         self._send(VM_PKT_COMP, N.nvsp_send_rndis_packet_complete(status, size=self.msg_size),
                    trans_id)
 
+    # --- h: SR-IOV VF association ---------------------------------------------------
+    def vf_capable(self) -> bool:
+        """Whether the guest can team with a VF (h.1): NVSP 4 or later, the sriov
+        capability in its NDIS config, RNDIS initialized."""
+        cfg = self.ndis_config
+        return (not self.closed and self.version is not None and self.version >= N.VERSION_4
+                and cfg is not None and bool(cfg[1] & N.CAP_SRIOV)
+                and self.rndis_state == "initialized")
+
+    def offer_vf(self, serial: int) -> bool:
+        """h.2 step 1: SEND_VF_ASSOCIATION {1, serial}, completion requested with the
+        fixed transaction id (a completion is taken, none is awaited). False when the
+        guest cannot team with a VF."""
+        if not self.vf_capable() or not 0 <= serial < 1 << 32:
+            return False
+        self.vf_serial = serial
+        self._host_inband(N.nvsp_vf_association(True, serial, size=self.msg_size),
+                          N.VF_ASSOCIATION_TRANS_ID)
+        return True
+
+    def withdraw_vf(self) -> None:
+        """h.2 step 5: the data path back to synthetic first (the backend moves the
+        filters back, then the guest is told with SWITCH_DATA_PATH), then
+        SEND_VF_ASSOCIATION {0, serial}."""
+        if self.closed or self.vf_serial is None:
+            return
+        if self.datapath == N.DATAPATH_VF:
+            self._set_datapath(N.DATAPATH_SYNTHETIC)
+            self.datapath = N.DATAPATH_SYNTHETIC     # the VF is going: synthetic regardless
+            self._host_inband(N.nvsp_switch_data_path(N.DATAPATH_SYNTHETIC,
+                                                      size=self.msg_size),
+                              N.SWITCH_DATA_PATH_TRANS_ID)
+        self._host_inband(N.nvsp_vf_association(False, self.vf_serial, size=self.msg_size),
+                          N.VF_ASSOCIATION_TRANS_ID)
+        self.vf_serial = None
+
+    def _host_inband(self, msg: bytes, trans_id: int) -> None:
+        try:
+            self._send(VM_PKT_DATA_INBAND, msg, trans_id,
+                       VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED)
+        except RingError as e:
+            self._violation("corrupt ring", str(e))
+        finally:
+            self._kick()
+
     @staticmethod
     def drop_data(channel: "NetvspChannel", data: TxData, trans_id: int | None) -> None:
         """The default data handler until a data path is attached: complete the
@@ -417,8 +463,9 @@ class NetvspChannel:
         self._signal = False
 
     # ------------------------------------------------------------------ outgoing
-    def _send(self, ptype: int, payload: bytes, trans_id: int) -> None:
-        self._out.append((ptype, payload, trans_id, None, 0))
+    def _send(self, ptype: int, payload: bytes, trans_id: int, flags: int = 0) -> None:
+        # (for in-band packets the last slot carries the packet flags)
+        self._out.append((ptype, payload, trans_id, None, flags))
         self._flush()
 
     def _flush(self) -> bool:
@@ -430,7 +477,7 @@ class NetvspChannel:
             if ptype == VM_PKT_DATA_USING_XFER_PAGES:
                 ok, need = self._write_xfer(payload, trans_id, idx, nbytes)
             else:
-                ok, sig = self.out_ring.write_packet(ptype, payload, trans_id)
+                ok, sig = self.out_ring.write_packet(ptype, payload, trans_id, nbytes)
                 self._signal |= sig
                 need = int(inband_footprint(len(payload)))
             if not ok:
@@ -574,6 +621,8 @@ class NetvspChannel:
         if self.state == "revoked":
             return                               # the buffer is gone; nothing to free
         tid = pkt.trans_id
+        if tid in (N.VF_ASSOCIATION_TRANS_ID, N.SWITCH_DATA_PATH_TRANS_ID):
+            return                               # h.1: taken if it comes, never awaited
         status = None
         if len(pkt.payload) >= N.SEND_RNDIS_PKT_COMPLETE.itemsize:
             mtype, status = struct.unpack_from("<II", pkt.payload, 0)
@@ -696,11 +745,25 @@ class NetvspChannel:
 
     # --- other NVSP requests (d.3) -----------------------------------------------------
     def _switch_data_path(self, pkt, m, want) -> None:
+        """h.2 steps 3-4: the backend moves the data path (the NIC's filters), then the
+        request is completed, empty; to the VF only while one is associated, and a
+        backend that cannot leaves it synthetic."""
         path = int(m["active_datapath"])
         if path not in (N.DATAPATH_SYNTHETIC, N.DATAPATH_VF):
             raise _Drop("SWITCH_DATA_PATH to an unknown path")
-        self.datapath = path                     # no VF here: recorded only (h)
+        if path == N.DATAPATH_VF and self.vf_serial is None:
+            self._count(self.dropped, "SWITCH_DATA_PATH to a VF that is not associated")
+        elif path != self.datapath:
+            self._set_datapath(path)
         self._complete_empty(pkt, want)
+
+    def _set_datapath(self, path: int) -> None:
+        backend = self.device.on_data_path
+        ok = True if backend is None else bool(backend(self, path))
+        if ok:
+            self.datapath = path
+        else:
+            self.stats["data path switch refused by the backend"] += 1
 
     def _oid_query_ex(self, pkt, m, want) -> None:
         if want:                                 # as OpenVMM (d.4): NOT_SUPPORTED, 0 bytes
@@ -1121,6 +1184,9 @@ class NetvspDevice:
         self.mac, self.mac_bytes, self.mtu = mac, mac_bytes, mtu
         self.link_up = True
         self.data_handler = data_handler
+        # h: (channel, path) -> bool, the backend moving the NIC's data path; None
+        # takes every switch (no VF hardware behind this device)
+        self.on_data_path = None
         self.channels: dict[int, NetvspChannel] = {}
         self.violations: collections.Counter = collections.Counter()
         self.dropped: collections.Counter = collections.Counter()
@@ -1236,6 +1302,24 @@ class NetvspDevice:
     def poll(self) -> int:
         with self.lock:
             return sum(nc.poll() for nc in self.all_channels)
+
+    def offer_vf(self, serial: int) -> bool:
+        """Associate a VF (h.2 step 1) on the primary channel; False when no open
+        channel's guest can team with one."""
+        with self.lock:
+            return any(nc.offer_vf(serial) for nc in list(self.channels.values()))
+
+    def withdraw_vf(self) -> None:
+        """The VF goes (h.2 step 5): data path to synthetic first, then the association."""
+        with self.lock:
+            for nc in list(self.channels.values()):
+                nc.withdraw_vf()
+
+    @property
+    def datapath(self) -> int:
+        with self.lock:
+            return max((nc.datapath for nc in self.channels.values()),
+                       default=N.DATAPATH_SYNTHETIC)
 
     def indicate_link(self, up: bool) -> None:
         """Link up or down (e.8): the answer to MEDIA_CONNECT_STATUS from now on,

@@ -21,6 +21,8 @@ switch (sriov/eswitch.py).
 from __future__ import annotations
 
 import errno
+import mmap
+import os
 import struct
 
 import numpy as np
@@ -28,6 +30,7 @@ import numpy as np
 from switch.rxfilter import VLAN_UNTAGGED_OR_ZERO
 
 from .eswitch import EmbeddedSwitch
+from .ixgbevf_rings import QREGS, QREGS_SIZE, TX_BASE, R_TAIL
 from .vfio import lib
 from .vfio_user import CommandError, UserDevice
 
@@ -79,7 +82,17 @@ class Ixgbevf(UserDevice):
 
     def __init__(self, vf: int, policy: VfPolicy, eswitch: EmbeddedSwitch | None = None):
         self.vf, self.policy, self.eswitch = vf, policy, eswitch
-        self.regs = np.zeros(BAR0_SIZE // 4, np.uint32)
+        self.regs = np.zeros(BAR0_SIZE // 4, np.uint32)        # trapped: the host's own
+        # The queue-register pages live in memory the driver maps and writes (its
+        # doorbells), so they are a memfd of their own: the trapped registers are
+        # never in memory the guest holds. The file starts at BAR0's offset 0 so the
+        # pages sit at their BAR offsets; the first page of it is unused.
+        self.qfd = os.memfd_create(f"ixgbevf{vf}-qregs")
+        os.ftruncate(self.qfd, QREGS + QREGS_SIZE)
+        self._qmap = mmap.mmap(self.qfd, QREGS + QREGS_SIZE)
+        self.q = np.frombuffer(self._qmap, np.uint32)[QREGS // 4:]
+        self.icr = np.zeros(1, np.int64)                         # VTEICR, for the engines
+        self.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.config = bytearray(256)
         struct.pack_into("<HH", self.config, 0, PCI_VENDOR, PCI_DEVICE)
         self.irqs: list[int] = []
@@ -90,6 +103,8 @@ class Ixgbevf(UserDevice):
     # ---- state -------------------------------------------------------------------------
     def _reset_state(self) -> None:
         self.regs[:] = 0
+        self.q[:] = 0
+        self.icr[0] = 0
         self.regs[VFLINKS // 4] = LINKS_UP | LINKS_SPEED_10G
         self.regs[VFMAILBOX // 4] = MB_RSTD               # reset done, not yet read
         self.clear_to_send = False
@@ -106,7 +121,10 @@ class Ixgbevf(UserDevice):
     def region_info(self, index):
         rw = lib.VFIO_REGION_INFO_FLAG_READ | lib.VFIO_REGION_INFO_FLAG_WRITE
         if index == lib.VFIO_PCI_BAR0_REGION_INDEX:
-            return rw, BAR0_SIZE, None                    # trapped: registers have effects
+            # Trapped, but for the queue-register pages (sparse mmap): the mailbox,
+            # reset and interrupt registers have effects the model must see.
+            return rw | lib.VFIO_REGION_INFO_FLAG_MMAP, BAR0_SIZE, self.qfd, \
+                [(QREGS, QREGS_SIZE)]
         if index == lib.VFIO_PCI_CONFIG_REGION_INDEX:
             return rw, len(self.config), None
         return 0, 0, None
@@ -131,6 +149,13 @@ class Ixgbevf(UserDevice):
                                f"the VF's registers take aligned 32-bit accesses")
         return offset
 
+    def region_io_fds(self, index):
+        """TDT's ioeventfd: the driver signals it after moving the tail (as KVM would
+        on its MMIO write), which wakes the host's data path."""
+        if index == lib.VFIO_PCI_BAR0_REGION_INDEX:
+            return [(QREGS + TX_BASE + R_TAIL, 4, self.doorbell)]
+        return []
+
     def irq_info(self, index):
         if index == lib.VFIO_PCI_MSIX_IRQ_INDEX:
             return lib.VFIO_IRQ_INFO_EVENTFD | lib.VFIO_IRQ_INFO_NORESIZE, 3
@@ -143,22 +168,45 @@ class Ixgbevf(UserDevice):
         self.irqs = list(fds)
 
     def disconnected(self):
-        import os
         for fd in self.irqs:
             if fd >= 0:
                 os.close(fd)
         self.irqs = []
 
+    def interrupt(self) -> None:
+        """MSI-X vector 0 (queue 0 and the mailbox share it here), if unmasked and
+        wired; VTEICR already holds the cause."""
+        if self.irqs and self.irqs[0] >= 0 and int(self.regs[VTEIMS // 4]) & 1:
+            os.eventfd_write(self.irqs[0], 1)
+
+    def close(self) -> None:
+        self.disconnected()
+        self.q = None
+        try:
+            self._qmap.close()
+        except BufferError:
+            pass
+        os.close(self.qfd)
+        os.close(self.doorbell)
+
     # ---- registers ---------------------------------------------------------------------
     def read32(self, off: int) -> int:
+        if QREGS <= off < QREGS + QREGS_SIZE:
+            return int(self.q[(off - QREGS) // 4])
+        if off == VTEICR:
+            v = int(self.regs[off // 4]) | int(self.icr[0])
+            self.regs[off // 4] = 0
+            self.icr[0] = 0
+            return v
         v = int(self.regs[off // 4])
         if off == VFMAILBOX:
             self.regs[off // 4] = v & ~MB_R2C              # read to clear
-        elif off == VTEICR:
-            self.regs[off // 4] = 0
         return v
 
     def write32(self, off: int, v: int) -> None:
+        if QREGS <= off < QREGS + QREGS_SIZE:
+            self.q[(off - QREGS) // 4] = v
+            return
         if off == VFCTRL:
             if v & CTRL_RST:
                 self._reset_state()                       # RSTI then RSTD, at once here

@@ -25,7 +25,9 @@ from switch.batch import ALIGN, LEN, OFF, ROW_PAD, copy_bytes, init_packet
 from switch.byteorder import le32, put_le, put_le32
 from switch.kernel import helper, kernel
 
-RX_BASE, TX_BASE = 0x1000, 0x2000                    # queue 0
+QREGS = 0x1000                                       # BAR0's queue-register pages ...
+QREGS_SIZE = 0x2000                                  # ... which the driver maps and writes
+RX_BASE, TX_BASE = 0x0000, 0x1000                    # queue 0, from QREGS
 R_BAL, R_BAH, R_LEN, R_HEAD, R_SRRCTL, R_TAIL, R_DCTL = 0x00, 0x04, 0x08, 0x10, 0x14, 0x18, 0x28
 DCTL_ENABLE = 0x02000000
 SRRCTL_BSIZEPKT = 0x1F                               # KiB units
@@ -35,7 +37,6 @@ TXD_DTYP_SHIFT, TXD_DTYP_DATA, TXD_DTYP_CTXT = 20, 3, 2
 TXD_CMD_EOP, TXD_CMD_IFCS, TXD_CMD_RS, TXD_CMD_DEXT = 0x01000000, 0x02000000, 0x08000000, \
     0x20000000
 TXD_STAT_DD = 0x01
-VTEICR = 0x0100
 EICR_RTX_Q0 = 0x01                                   # queue 0's cause (VTIVAR default)
 MAX_FRAME = 9728                                     # jumbo, as ixgbevf's max_mtu allows
 # stats[]
@@ -68,9 +69,11 @@ def _ring(regs, base, mem_size, iova, iova_size):
 
 
 @kernel
-def vf_transmit(mem, iova, iova_size, regs, txs, meta, data, n, cursor, src_port, stats):
-    """Descriptors from TDH to TDT into the batch from slot ``n``. Returns (n, cursor,
-    interrupt causes)."""
+def vf_transmit(mem, iova, iova_size, regs, icr, txs, meta, data, n, cursor, src_port,
+                stats):
+    """Descriptors from TDH to TDT into the batch from slot ``n``. ``regs`` are the
+    queue-register pages (the guest writes them: every value is checked), ``icr``
+    the VF's VTEICR. Returns (n, cursor, interrupt causes)."""
     if np.int64(regs[(TX_BASE + R_DCTL) >> 2]) & DCTL_ENABLE == 0:
         return n, cursor, 0
     off, nd, h, t = _ring(regs, TX_BASE, mem.shape[0], iova, iova_size)
@@ -115,13 +118,12 @@ def vf_transmit(mem, iova, iova_size, regs, txs, meta, data, n, cursor, src_port
             cause = EICR_RTX_Q0
         h = (h + 1) % nd
     regs[(TX_BASE + R_HEAD) >> 2] = h
-    if cause:
-        regs[VTEICR >> 2] |= cause
+    icr[0] |= cause
     return n, cursor, cause
 
 
 @kernel
-def vf_receive(mem, iova, iova_size, regs, meta, data, plan, j0, j1, stats):
+def vf_receive(mem, iova, iova_size, regs, icr, meta, data, plan, j0, j1, stats):
     """The frames ``plan[0, j0:j1]`` of the batch into the receive ring. Returns
     (frames delivered, interrupt causes)."""
     if np.int64(regs[(RX_BASE + R_DCTL) >> 2]) & DCTL_ENABLE == 0:
@@ -172,8 +174,7 @@ def vf_receive(mem, iova, iova_size, regs, meta, data, plan, j0, j1, stats):
         stats[S_RX_FRAMES] += 1
     regs[(RX_BASE + R_HEAD) >> 2] = h
     cause = EICR_RTX_Q0 if done else 0
-    if cause:
-        regs[VTEICR >> 2] |= cause
+    icr[0] |= cause
     return done, cause
 
 
@@ -182,8 +183,11 @@ def warm() -> None:
     from switch.batch import PacketBatch
     b = PacketBatch(4, 1 << 16)
     mem = np.zeros(4096, np.uint8)
-    regs = np.zeros(0x3000 // 4, np.uint32)
+    regs = np.zeros(QREGS_SIZE // 4, np.uint32)
+    icr = np.zeros(1, np.int64)
     stats = np.zeros(NSTATS, np.int64)
-    vf_transmit(mem, 0, 4096, regs, np.zeros(2, np.int64), b.meta, b.data, 0, 0, 1, stats)
-    vf_receive(mem, 0, 4096, regs, b.meta, b.data, np.zeros((2, 1), np.int64), 0, 0, stats)
+    vf_transmit(mem, 0, 4096, regs, icr, np.zeros(2, np.int64), b.meta, b.data, 0, 0, 1,
+                stats)
+    vf_receive(mem, 0, 4096, regs, icr, b.meta, b.data, np.zeros((2, 1), np.int64), 0, 0,
+               stats)
 

@@ -459,11 +459,13 @@ class Device:
         self.config_write(4, (cmd | 0x4).to_bytes(2, "little"))
 
     def map_region(self, r: Region) -> mmap.mmap:
-        """A BAR mapped shared at the offset the kernel gave (never index << 40)."""
+        """A BAR mapped shared at the offset the kernel gave (never index << 40); with
+        sparse areas, the first area only (the rest stays trapped)."""
         if not r.mappable or r.size == 0:
             raise OSError(errno.EINVAL, f"region {r.index} cannot be mapped")
-        m = mmap.mmap(self.fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                      offset=r.offset)
+        off, size = r.sparse[0] if r.sparse else (0, r.size)
+        m = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                      offset=r.offset + off)
         self.maps.append(m)
         return m
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import mmap
 import os
 import socket
@@ -31,6 +32,8 @@ import struct
 import threading
 
 from .vfio import Region, lib
+
+log = logging.getLogger("hvnet.vfio_user")
 
 # Commands (spec table "Commands").
 VERSION, DMA_MAP, DMA_UNMAP, DEVICE_GET_INFO, DEVICE_GET_REGION_INFO = 1, 2, 3, 4, 5
@@ -53,6 +56,12 @@ IRQ_INFO = struct.Struct("<IIII")         # = struct vfio_irq_info: 16
 IRQ_SET = struct.Struct("<IIIII")         # = struct vfio_irq_set without data: 20
 REGION_RW = struct.Struct("<QII")         # offset, region, count: 16
 DMA_RW = struct.Struct("<QQ")             # address, count: 16
+CAP_HEADER = struct.Struct("<HHI")        # = struct vfio_info_cap_header: 8
+SPARSE_HEAD = struct.Struct("<II")        # nr_areas, reserved
+SPARSE_AREA = struct.Struct("<QQ")        # offset, size
+IO_FDS = struct.Struct("<IIII")           # argsz, flags, index, count
+IO_FD_SUB = struct.Struct("<QQIIIIQ")     # offset, size, fd_index, type, flags, pad, datamatch
+IO_FD_TYPE_IOEVENTFD = 0
 
 MAX_DATA = 1 << 20                        # max_data_xfer_size's default
 MAX_MESSAGE = HEADER.size + REGION_RW.size + MAX_DATA
@@ -121,9 +130,15 @@ class UserDevice:
         """(flags, num_regions, num_irqs)"""
         raise NotImplementedError
 
-    def region_info(self, index: int) -> tuple[int, int, int | None]:
-        """(flags, size, fd to mmap or None); size 0: no such region."""
+    def region_info(self, index: int) -> tuple:
+        """(flags, size, fd to mmap or None) and, optionally, the (offset, size) areas
+        of the region that may be mapped (sparse mmap); size 0: no such region."""
         return 0, 0, None
+
+    def region_io_fds(self, index: int) -> list[tuple[int, int, int]]:
+        """(offset, size, eventfd) of the region's ioeventfds: the client signals the
+        eventfd after writing there (as KVM would on the guest's write)."""
+        return []
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         raise CommandError(errno.EINVAL, f"region {index} cannot be read")
@@ -217,7 +232,14 @@ class Server:
                 raise CommandError(errno.EINVAL, "a command before VERSION")
             if len(fds) > MAX_FDS:
                 raise CommandError(errno.EINVAL, f"{len(fds)} descriptors, {MAX_FDS} announced")
-            out, out_fds = self._handle(cmd, payload, fds)
+            try:
+                out, out_fds = self._handle(cmd, payload, fds)
+            except CommandError:
+                raise
+            except Exception as e:            # a device model bug: this command fails
+                log.exception("vfio-user command %d failed in the device model", cmd)
+                raise CommandError(errno.EIO, f"device model error: {type(e).__name__}") \
+                    from None
         except CommandError as e:
             self._count((e.strerror or "").split(":")[0])
             for fd in fds:
@@ -286,12 +308,29 @@ class Server:
             return DEVICE_INFO.pack(DEVICE_INFO.size, flags, nreg, nirq), []
         if cmd == DEVICE_GET_REGION_INFO:
             index = self._need(payload, REGION_INFO, "DEVICE_GET_REGION_INFO")[2]
-            flags, size, fd = self._region(index)
+            flags, size, fd, *rest = self._region(index)
+            sparse = rest[0] if rest else ()
             flags &= ~lib.VFIO_REGION_INFO_FLAG_CAPS
             if fd is None:
                 flags &= ~lib.VFIO_REGION_INFO_FLAG_MMAP
-            return REGION_INFO.pack(REGION_INFO.size, flags, index, 0, size, 0), \
+            caps = b""
+            if sparse and flags & lib.VFIO_REGION_INFO_FLAG_MMAP:
+                # VFIO_REGION_INFO_CAP_SPARSE_MMAP, version 1, last in the chain
+                caps = CAP_HEADER.pack(lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, 0) + \
+                    SPARSE_HEAD.pack(len(sparse), 0) + \
+                    b"".join(SPARSE_AREA.pack(o, n) for o, n in sparse)
+                flags |= lib.VFIO_REGION_INFO_FLAG_CAPS
+            return REGION_INFO.pack(REGION_INFO.size + len(caps), flags, index,
+                                    REGION_INFO.size if caps else 0, size, 0) + caps, \
                 [fd] if fd is not None and flags & lib.VFIO_REGION_INFO_FLAG_MMAP else []
+        if cmd == DEVICE_GET_REGION_IO_FDS:
+            _, _, index, _ = self._need(payload, IO_FDS, "DEVICE_GET_REGION_IO_FDS")
+            self._region(index)
+            subs = self.device.region_io_fds(index)
+            body = b"".join(IO_FD_SUB.pack(off, size, k, IO_FD_TYPE_IOEVENTFD, 0, 0, 0)
+                            for k, (off, size, _) in enumerate(subs))
+            return IO_FDS.pack(IO_FDS.size + len(body), 0, index, len(subs)) + body, \
+                [fd for _, _, fd in subs]
         if cmd == DEVICE_GET_IRQ_INFO:
             index = self._need(payload, IRQ_INFO, "DEVICE_GET_IRQ_INFO")[2]
             flags, count = d.irq_info(index)
@@ -309,7 +348,7 @@ class Server:
             return b"", []
         if cmd in (REGION_READ, REGION_WRITE):
             offset, index, count = self._need(payload, REGION_RW, "REGION_READ/WRITE")
-            _, size, _ = self._region(index)
+            size = self._region(index)[1]
             if count > MAX_DATA or offset > size or count > size - offset:
                 raise CommandError(errno.EINVAL, f"region {index}: {count} bytes at "
                                    f"{offset:#x} outside its {size}")
@@ -386,7 +425,23 @@ class Client:
     def region(self, index: int) -> Region:
         data, fds = self._call(DEVICE_GET_REGION_INFO,
                                REGION_INFO.pack(REGION_INFO.size, 0, index, 0, 0, 0))
-        _, flags, _, _, size, offset = REGION_INFO.unpack_from(data)
+        _, flags, _, cap_off, size, offset = REGION_INFO.unpack_from(data)
+        sparse = []
+        if flags & lib.VFIO_REGION_INFO_FLAG_CAPS and cap_off:
+            seen = set()
+            while cap_off and cap_off not in seen and cap_off + CAP_HEADER.size <= len(data):
+                seen.add(cap_off)
+                cid, _, nxt = CAP_HEADER.unpack_from(data, cap_off)
+                if cid == lib.VFIO_REGION_INFO_CAP_SPARSE_MMAP and \
+                        cap_off + CAP_HEADER.size + SPARSE_HEAD.size <= len(data):
+                    nr, _ = SPARSE_HEAD.unpack_from(data, cap_off + CAP_HEADER.size)
+                    at = cap_off + CAP_HEADER.size + SPARSE_HEAD.size
+                    for k in range(nr):
+                        if at + SPARSE_AREA.size > len(data):
+                            break
+                        sparse.append(SPARSE_AREA.unpack_from(data, at))
+                        at += SPARSE_AREA.size
+                cap_off = nxt
         if fds:
             old = self.region_fds.pop(index, None)
             if old is not None:
@@ -394,7 +449,21 @@ class Client:
             self.region_fds[index] = fds[0]
             for fd in fds[1:]:
                 os.close(fd)
-        return Region(index, flags, size, offset)
+        return Region(index, flags, size, offset, tuple(sparse))
+
+    def region_io_fds(self, index: int) -> list[tuple[int, int, int]]:
+        """(offset, size, eventfd) of each ioeventfd the server gave for the region."""
+        data, fds = self._call(DEVICE_GET_REGION_IO_FDS, IO_FDS.pack(IO_FDS.size, 0, index, 0))
+        _, _, _, count = IO_FDS.unpack_from(data)
+        out = []
+        for k in range(count):
+            at = IO_FDS.size + k * IO_FD_SUB.size
+            if at + IO_FD_SUB.size > len(data):
+                break
+            off, size, fdi, typ, _, _, _ = IO_FD_SUB.unpack_from(data, at)
+            if typ == IO_FD_TYPE_IOEVENTFD and fdi < len(fds):
+                out.append((off, size, fds[fdi]))
+        return out
 
     def irq_info(self, index: int) -> dict:
         data, _ = self._call(DEVICE_GET_IRQ_INFO, IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0))
@@ -430,11 +499,14 @@ class Client:
         self.config_write(4, (cmd | 0x4).to_bytes(2, "little"))
 
     def map_region(self, r: Region) -> mmap.mmap:
+        """The region mapped shared; with sparse areas, the first area only (mapped
+        from its own offset: the rest of the region stays trapped)."""
         fd = self.region_fds.get(r.index)
         if fd is None or not r.mappable:
             raise OSError(errno.EINVAL, f"region {r.index} cannot be mapped")
-        m = mmap.mmap(fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                      offset=r.offset)
+        off, size = r.sparse[0] if r.sparse else (0, r.size)
+        m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                      offset=r.offset + off)
         self.maps.append(m)
         return m
 

@@ -35,13 +35,14 @@ def vf():
         t.start()
         cl = U.Client(a)
         cl.version()
-        made.append((cl, t))
+        made.append((cl, t, dev))
         return cl, dev, es, v
     made = []
     yield make
-    for cl, t in made:
+    for cl, t, dev in made:
         cl.close()
         t.join(5)
+        dev.close()
 
 
 def test_mac_word_layout_is_linuxs_memcpy():
@@ -133,4 +134,27 @@ def test_hostile_register_accesses_are_refused_not_served(vf):
     # Unaligned and short ones reach the model and are counted there; the two past
     # BAR0's end never reach it (the vfio-user server checks the region's bounds).
     assert dev.stats["bad_access"] == 3
-    assert cl.region(lib.VFIO_PCI_BAR0_REGION_INDEX).mappable is False
+
+
+def test_only_the_queue_pages_are_mapped_and_the_tail_has_a_doorbell(vf):
+    """BAR0 is trapped but for its queue-register pages (sparse mmap): the driver
+    writes its tails there, and signals TDT's ioeventfd as KVM would."""
+    import os
+    from sriov import ixgbevf_rings as RG
+    cl, dev, es, v = vf()
+    r = cl.region(lib.VFIO_PCI_BAR0_REGION_INDEX)
+    assert r.mappable and r.sparse == ((RG.QREGS, RG.QREGS_SIZE),)
+    m = cl.map_region(r)
+    assert len(m) == RG.QREGS_SIZE
+    trapped = dev.regs.copy()
+    m[:] = b"\xff" * len(m)                              # all the guest can reach ...
+    assert (dev.regs == trapped).all()                    # ... leaves the mailbox etc. be
+    struct.pack_into("<I", m, RG.TX_BASE + RG.R_TAIL, 17)
+    assert int(dev.q[(RG.TX_BASE + RG.R_TAIL) // 4]) == 17
+    assert struct.unpack("<I", cl.region_read(0, RG.QREGS + RG.TX_BASE + RG.R_TAIL, 4))[0] \
+        == 17                                             # the same register, trapped
+    (off, size, fd), = cl.region_io_fds(lib.VFIO_PCI_BAR0_REGION_INDEX)
+    assert (off, size) == (RG.QREGS + RG.TX_BASE + RG.R_TAIL, 4)
+    os.eventfd_write(fd, 1)
+    assert os.eventfd_read(dev.doorbell) == 1             # the host's side of it
+    os.close(fd)

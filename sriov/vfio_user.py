@@ -179,6 +179,9 @@ class Server:
         self.device = device
         self.max_dma_maps = max_dma_maps
         self.dma: list[_Mapping] = []
+        # Held by whoever uses a mapping's memory (the NIC's data path), and while
+        # mappings are made or dropped, so none goes away under a reader.
+        self.dma_lock = threading.Lock()
         self.versioned = False
         self.errors: dict[str, int] = {}     # refused commands by reason, for stats
         device.attach(self)
@@ -212,9 +215,10 @@ class Server:
             self.conn.sock.close()
 
     def disconnect(self) -> None:
-        for m in self.dma:
-            m.map.close()
-        self.dma.clear()
+        with self.dma_lock:
+            for m in self.dma:
+                m.map.close()
+            self.dma.clear()
         self.device.disconnected()
 
     def serve_one(self) -> bool:
@@ -287,7 +291,9 @@ class Server:
             if len(self.dma) >= self.max_dma_maps:
                 raise CommandError(errno.ENOSPC, "DMA_MAP: too many mappings")
             try:
-                self.dma.append(_Mapping(address, size, flags, fds[0], offset))
+                mapping = _Mapping(address, size, flags, fds[0], offset)
+                with self.dma_lock:
+                    self.dma.append(mapping)
             except (OSError, ValueError) as e:
                 raise CommandError(errno.EINVAL, f"DMA_MAP: cannot map the fd: {e}") from None
             finally:
@@ -295,11 +301,12 @@ class Server:
             return b"", []
         if cmd == DMA_UNMAP:
             argsz, flags, address, size = self._need(payload, DMA_UNMAP_S, "DMA_UNMAP")
-            for k, m in enumerate(self.dma):
-                if m.address == address and m.size == size:
-                    m.map.close()
-                    del self.dma[k]
-                    return DMA_UNMAP_S.pack(DMA_UNMAP_S.size, 0, address, size), []
+            with self.dma_lock:
+                for k, m in enumerate(self.dma):
+                    if m.address == address and m.size == size:
+                        del self.dma[k]
+                        m.map.close()
+                        return DMA_UNMAP_S.pack(DMA_UNMAP_S.size, 0, address, size), []
             raise CommandError(errno.EINVAL, f"DMA_UNMAP: no mapping is exactly "
                                f"{address:#x}+{size:#x}")
         if cmd == DEVICE_GET_INFO:

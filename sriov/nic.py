@@ -1,0 +1,138 @@
+"""The software SR-IOV NIC: a PF, its VFs and the embedded switch between them and
+the wire (vswitch_vmq_sriov.md 4.1; e1000_vfio.md R2 item 5).
+
+Each VF is an ``Ixgbevf`` served to its guest over vfio-user (one ``Server`` per
+VF, its own thread for control messages); the data path is ``poll``: each VF's
+transmit ring is run by the compiled engine out of the guest memory its driver
+DMA-mapped, the frames are steered by the embedded switch, and each goes to the
+VFs whose filters take it (their receive engines, then their MSI-X eventfd), to
+the wire and to the PF (handed to ``to_wire`` / ``to_pf`` as a batch and the
+indexes of its frames). ``from_wire`` and ``from_pf`` steer frames the other way.
+VF traffic never passes the virtual switch, as in Hyper-V (4.3).
+
+Guest memory is reached only inside the mapping the driver granted, and only
+while it stands: the server's DMA lock is held around each use.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from switch.batch import PacketBatch
+from switch.parse import parse_batch
+
+from . import ixgbevf_rings as R
+from .eswitch import PF, WIRE, EmbeddedSwitch, vf_function
+from .ixgbevf import Ixgbevf, VfPolicy
+from .vfio_user import Server
+
+
+class SriovNic:
+    def __init__(self, num_vfs: int, policies: list[VfPolicy] | None = None):
+        self.eswitch = EmbeddedSwitch(num_vfs)
+        policies = policies or [VfPolicy() for _ in range(num_vfs)]
+        self.vfs = [Ixgbevf(k, policies[k], self.eswitch) for k in range(num_vfs)]
+        self.servers: list[Server | None] = [None] * num_vfs
+        self.threads: list[threading.Thread | None] = [None] * num_vfs
+        self.txs = np.zeros((num_vfs, 2), np.int64)
+        self.stats = np.zeros((num_vfs, R.NSTATS), np.int64)
+        self.batch = PacketBatch(256, 1 << 22)
+        self.dest = np.zeros(256, np.int64)
+        self.to_wire = None            # (batch, frame indexes) -> None
+        self.to_pf = None
+        R.warm()
+
+    def serve(self, k: int, sock) -> threading.Thread:
+        """Serve VF ``k`` to the vfio-user client at the other end of ``sock``."""
+        srv = Server(sock, self.vfs[k])
+        self.servers[k] = srv
+        t = threading.Thread(target=srv.serve, name=f"vf{k}-vfio-user", daemon=True)
+        t.start()
+        self.threads[k] = t
+        return t
+
+    def doorbells(self) -> list[int]:
+        return [vf.doorbell for vf in self.vfs]
+
+    # ---- the data path ----------------------------------------------------------------
+    def poll(self) -> int:
+        """Every VF's transmit ring once; returns the frames it took."""
+        moved = 0
+        for k in range(len(self.vfs)):
+            moved += self._transmit(k)
+        return moved
+
+    def _transmit(self, k: int) -> int:
+        srv = self.servers[k]
+        if srv is None:
+            return 0
+        vf, b = self.vfs[k], self.batch
+        with srv.dma_lock:
+            if not srv.dma:
+                return 0
+            m = srv.dma[0]
+            mem = np.frombuffer(m.map, np.uint8)
+            try:
+                b.reset()
+                n, cur, cause = R.vf_transmit(mem, m.address, m.size, vf.q, vf.icr,
+                                              self.txs[k], b.meta, b.data, 0, 0,
+                                              vf_function(k), self.stats[k])
+            finally:
+                del mem
+        if cause:
+            vf.interrupt()
+        if n:
+            b.n, b.cursor = n, cur
+            self._steer(b, vf_function(k))
+        return n
+
+    def from_wire(self, batch) -> None:
+        self._steer(batch, WIRE)
+
+    def from_pf(self, batch) -> None:
+        self._steer(batch, PF)
+
+    def _steer(self, b, src: int) -> None:
+        parse_batch(b.meta, b.data, 0, b.n)
+        if self.dest.shape[0] < b.n:
+            self.dest = np.zeros(b.n, np.int64)
+        dest = self.dest[:b.n]
+        self.eswitch.steer(b, src, dest)
+        for j in range(len(self.vfs)):
+            idx = np.flatnonzero((dest >> vf_function(j)) & 1)
+            if idx.size:
+                self._receive(j, b, idx)
+        for fn, out in ((WIRE, self.to_wire), (PF, self.to_pf)):
+            if out is not None:
+                idx = np.flatnonzero((dest >> fn) & 1)
+                if idx.size:
+                    out(b, idx)
+
+    def _receive(self, j: int, b, idx: np.ndarray) -> int:
+        srv, vf = self.servers[j], self.vfs[j]
+        if srv is None:
+            return 0
+        plan = np.zeros((2, idx.size), np.int64)
+        plan[0] = idx
+        with srv.dma_lock:
+            if not srv.dma:
+                self.stats[j, R.S_RX_NO_DESC] += idx.size
+                return 0
+            m = srv.dma[0]
+            mem = np.frombuffer(m.map, np.uint8)
+            try:
+                done, cause = R.vf_receive(mem, m.address, m.size, vf.q, vf.icr, b.meta,
+                                           b.data, plan, 0, idx.size, self.stats[j])
+            finally:
+                del mem
+        if cause:
+            vf.interrupt()
+        return done
+
+    def close(self) -> None:
+        for t in self.threads:
+            if t is not None:
+                t.join(5)
+        for vf in self.vfs:
+            vf.close()

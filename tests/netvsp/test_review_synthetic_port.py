@@ -269,6 +269,25 @@ def test_gpadl_teardown_reading_the_ring_frees_data_completions(vm):
         (dict(host.dev.violations), host.dev.last_close)
 
 
+def _ready_without_send_buffer(host, ram, client, pages) -> Netvsc:
+    """A guest with NVSP, the receive buffer and RNDIS up but no send buffer yet (d.5
+    allows it), its send buffer's GPADL made but not yet given to the host."""
+    nic = Netvsc(ram, client, pages, timeout=30)
+    nic.open()
+    nic.negotiate()
+    c = nic.client
+    nic.recv_gpa = pages.alloc(nic.recv_size)
+    nic.recv_gpadl = c.create_gpadl(nic.relid, nic.recv_gpa, nic.recv_size)
+    t, m = N.decode_message(nic._completion(nic._send(
+        N.nvsp_send_receive_buffer(nic.recv_gpadl)), "SEND_RECV_BUF"), completion=True)
+    assert int(m["status"]) == N.STATUS_SUCCESS
+    nic.rndis_init()
+    wait(lambda: host.vm_port.port_id in host.syn._data, "the data path attached")
+    nic.send_gpa = pages.alloc(nic.send_size)
+    nic.send_gpadl = c.create_gpadl(nic.relid, nic.send_gpa, nic.send_size)
+    return nic
+
+
 def test_a_send_buffer_given_late_is_used_by_the_data_path():
     """netvsp.py:658-673 accepts SEND_SEND_BUF in any state after INIT (also once
     'ready') and answers SUCCESS, but the data path captured ``sbuf`` when it
@@ -276,19 +295,7 @@ def test_a_send_buffer_given_late_is_used_by_the_data_path():
     guest then uses is refused as 'bad send-buffer section'."""
     host, ram, client, pages = start()
     try:
-        nic = Netvsc(ram, client, pages, timeout=30)
-        nic.open()
-        nic.negotiate()
-        c = nic.client
-        nic.recv_gpa = pages.alloc(nic.recv_size)
-        nic.recv_gpadl = c.create_gpadl(nic.relid, nic.recv_gpa, nic.recv_size)
-        t, m = N.decode_message(nic._completion(nic._send(
-            N.nvsp_send_receive_buffer(nic.recv_gpadl)), "SEND_RECV_BUF"), completion=True)
-        assert int(m["status"]) == N.STATUS_SUCCESS
-        nic.rndis_init()                                # ready without a send buffer (d.5)
-        wait(lambda: host.vm_port.port_id in host.syn._data, "the data path attached")
-        nic.send_gpa = pages.alloc(nic.send_size)
-        nic.send_gpadl = c.create_gpadl(nic.relid, nic.send_gpa, nic.send_size)
+        nic = _ready_without_send_buffer(host, ram, client, pages)
         t, m = N.decode_message(nic._completion(nic._send(
             N.nvsp_send_send_buffer(nic.send_gpadl)), "SEND_SEND_BUF"), completion=True)
         assert int(m["status"]) == N.STATUS_SUCCESS       # the host took it
@@ -313,19 +320,7 @@ def test_data_right_behind_a_late_send_buffer_uses_it():
     met: the guest sends as soon as it has the completion)."""
     host, ram, client, pages = start()
     try:
-        nic = Netvsc(ram, client, pages, timeout=30)
-        nic.open()
-        nic.negotiate()
-        c = nic.client
-        nic.recv_gpa = pages.alloc(nic.recv_size)
-        nic.recv_gpadl = c.create_gpadl(nic.relid, nic.recv_gpa, nic.recv_size)
-        t, m = N.decode_message(nic._completion(nic._send(
-            N.nvsp_send_receive_buffer(nic.recv_gpadl)), "SEND_RECV_BUF"), completion=True)
-        assert int(m["status"]) == N.STATUS_SUCCESS
-        nic.rndis_init()
-        wait(lambda: host.vm_port.port_id in host.syn._data, "the data path attached")
-        nic.send_gpa = pages.alloc(nic.send_size)
-        nic.send_gpadl = c.create_gpadl(nic.relid, nic.send_gpa, nic.send_size)
+        nic = _ready_without_send_buffer(host, ram, client, pages)
         nic.send_section_size = N.SEND_SECTION_SIZE
         nic.send_section_count = nic.send_size // nic.send_section_size
         frames = [raw(Ether(src=VM_MAC, dst=PEER_MAC) / IP() / UDP() / bytes(80))]

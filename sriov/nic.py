@@ -87,13 +87,16 @@ class SriovNic:
             self._steer(b, vf_function(k))
         return n
 
-    def from_wire(self, batch) -> None:
-        self._steer(batch, WIRE)
+    def from_wire(self, batch, outside: bool = True) -> np.ndarray:
+        return self._steer(batch, WIRE, outside)
 
-    def from_pf(self, batch) -> None:
-        self._steer(batch, PF)
+    def from_pf(self, batch) -> np.ndarray:
+        return self._steer(batch, PF, True)
 
-    def _steer(self, b, src: int) -> None:
+    def _steer(self, b, src: int, outside: bool = True) -> np.ndarray:
+        """Steer a batch that function ``src`` sent: VF frames into their rings here,
+        the wire's and the PF's to ``to_wire``/``to_pf`` when ``outside`` (else the
+        caller reads them off the returned masks)."""
         parse_batch(b.meta, b.data, 0, b.n)
         if self.dest.shape[0] < b.n:
             self.dest = np.zeros(b.n, np.int64)
@@ -103,11 +106,13 @@ class SriovNic:
             idx = np.flatnonzero((dest >> vf_function(j)) & 1)
             if idx.size:
                 self._receive(j, b, idx)
-        for fn, out in ((WIRE, self.to_wire), (PF, self.to_pf)):
-            if out is not None:
-                idx = np.flatnonzero((dest >> fn) & 1)
-                if idx.size:
-                    out(b, idx)
+        if outside:
+            for fn, out in ((WIRE, self.to_wire), (PF, self.to_pf)):
+                if out is not None:
+                    idx = np.flatnonzero((dest >> fn) & 1)
+                    if idx.size:
+                        out(b, idx)
+        return dest
 
     def _receive(self, j: int, b, idx: np.ndarray) -> int:
         srv, vf = self.servers[j], self.vfs[j]

@@ -1,0 +1,159 @@
+"""An SR-IOV NIC as a switch's uplink, on a real veth in a namespace the test makes:
+the NIC's embedded switch between the wire, the PF (the switch's external port) and
+a VF driven by a guest's VF driver over vfio-user. Frames for the VF never enter
+the switch; frames between the VF and a synthetic VM go through the PF and the
+switch, as in Hyper-V; the VF reaches the wire directly."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+from scapy.all import IP, UDP, Ether, raw
+
+from hypervisor.partition import GuestMemory, GuestPages
+from sriov.eswitch import DEFAULT_VPORT
+from sriov.ixgbevf import VfPolicy
+from sriov.nic import SriovNic
+from sriov.uplink import SriovUplinkPorts
+from sriov.vf_driver import VfDriver
+from sriov.vfio_user import Client
+from switch.afpacket import RingSocket
+from switch.batch import PacketBatch
+from switch.memport import MemoryPorts
+from switch.switch import Switch
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a namespace")]
+
+VF_MAC, VM_MAC, HOST_MAC = (bytes.fromhex("02000000aa01"), "02:00:00:00:bb:01",
+                            "02:00:00:00:cc:01")
+
+
+def frame(src, dst, k):
+    f = raw(Ether(src=src, dst=dst) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=k))
+    return f + bytes(120 - len(f))
+
+
+def in_ns(ns, fn):
+    from pyroute2 import netns
+    netns.pushns(ns)
+    try:
+        return fn()
+    finally:
+        netns.popns()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    from hvnet.netns import Netns
+    nn = Netns(f"s{os.getpid() % 10000}", tmp_path / "netns.json")
+    guest = None
+    try:
+        ns = nn.add_namespace("t")
+        nn.add_veth((ns, "up"), (ns, "wire"))
+        for i in ("up", "wire"):
+            nn.set_up(ns, i)
+        nic = SriovNic(1, [VfPolicy(VF_MAC)])
+        v = nic.eswitch.create_vport(vf=0)
+        nic.eswitch.set_filter(v, int.from_bytes(VF_MAC, "big"))
+        nic.eswitch.set_filter(DEFAULT_VPORT, int(VM_MAC.replace(":", ""), 16))
+        sw = Switch("sriov")
+        kind = sw.add_kind(SriovUplinkPorts(nic))
+        mem = sw.add_kind(MemoryPorts())
+        up = sw.add_port("uplink", "external", kind=kind)
+        kind.attach(up, in_ns(ns, lambda: RingSocket("up", offloads=False)))
+        vm = sw.add_port("vm", "synthetic", mac=VM_MAC, kind=mem)
+        peer = in_ns(ns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                               socket.htons(3)))
+        peer.bind(("wire", 3))
+        peer.settimeout(0.05)
+        a, b = socket.socketpair()
+        nic.serve(0, b)
+        cl = Client(a)
+        cl.version()
+        ram = GuestMemory(16 << 20)
+        drv = VfDriver(cl, ram, GuestPages(ram.size))
+        drv.bring_up()
+        guest = (cl, ram, drv)
+        yield sw, mem, vm, drv, peer
+    finally:
+        if guest:
+            guest[2].close()
+            guest[0].close()
+        try:
+            sw.close()
+        except Exception:
+            pass
+        nic.close()
+        if guest:
+            guest[1].close()
+        nn.teardown()
+
+
+def _poll_until(sw, pred, what, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        sw.poll()
+        if pred():
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"timed out: {what}")
+
+
+def _vf_frames(drv, got, seen) -> int:
+    """The VF's unicast frames (the veth peer's stack multicasts too, which a VF
+    receives by flooding)."""
+    drv.receive(got)
+    seen.extend(f for f in got.frames() if f[:6] == VF_MAC)
+    return len(seen)
+
+
+def _peer_frames(peer, tag):
+    out = []
+    while True:
+        try:
+            f = peer.recv(2048)
+        except socket.timeout:
+            return out
+        if tag in f:
+            out.append(f)
+
+
+def test_the_nic_switches_between_wire_vf_and_pf(rig):
+    sw, mem, vm, drv, peer = rig
+    got = PacketBatch(256, 1 << 20)
+    # wire -> VF: straight into the VF's ring, never through the switch
+    to_vf = [frame(HOST_MAC, VF_MAC.hex(":"), k) for k in range(20)]
+    for f in to_vf:
+        peer.send(f)
+    seen = []
+    _poll_until(sw, lambda: _vf_frames(drv, got, seen) >= 20, "frames for the VF")
+    assert seen == to_vf and mem.collect(vm) == []
+    # wire -> synthetic VM: the default VPort, the PF, the switch
+    to_vm = frame(HOST_MAC, VM_MAC, 99)
+    peer.send(to_vm)
+    out = []
+    _poll_until(sw, lambda: (out.extend(mem.collect(vm)), len(out) >= 1)[1], "the VM's frame")
+    assert out == [to_vm]
+    # VF -> wire, directly
+    b = PacketBatch(8, 1 << 16)
+    b.append_frames([frame(VF_MAC.hex(":"), HOST_MAC, 7)], src_port=0)
+    drv.send(b)
+    sw.poll()
+    assert frame(VF_MAC.hex(":"), HOST_MAC, 7) in _peer_frames(peer, VF_MAC)
+    # VF -> synthetic VM: through the PF into the switch
+    b.reset()
+    b.append_frames([frame(VF_MAC.hex(":"), VM_MAC, 8)], src_port=0)
+    drv.send(b)
+    out = []
+    _poll_until(sw, lambda: (out.extend(mem.collect(vm)), len(out) >= 1)[1], "VF to VM")
+    assert out == [frame(VF_MAC.hex(":"), VM_MAC, 8)]
+    # synthetic VM -> VF: the switch delivers to the external port, the PF sends,
+    # the embedded switch hands it to the VF
+    back = frame(VM_MAC, VF_MAC.hex(":"), 9)
+    mem.inject(vm, [back])
+    seen = []
+    _poll_until(sw, lambda: _vf_frames(drv, got, seen) >= 1, "VM to VF")
+    assert seen == [back]

@@ -10,8 +10,8 @@ between the wire, the PF and the VFs (vswitch_vmq_sriov.md 4.1-4.3; checklist 38
   (OID_RECEIVE_FILTER_MOVE_FILTER); removing it moves them back first.
 - Spoof checking (per VF, on by default): a frame from a VF leaves only with a
   source MAC and VLAN one of its VPort's filters would accept; others are
-  dropped and counted. A VF receives only what its filters match, broadcast and
-  multicast included by flooding.
+  dropped and counted. A VF receives only what its filters match: broadcast and
+  multicast too flood only to the VFs whose filters take their VLAN.
 
 Functions are numbered for the steering kernel: WIRE 0, PF 1, VF k is 2 + k; one
 compiled loop per batch gives each parsed frame a bit mask of the functions it
@@ -70,7 +70,13 @@ def veb_steer(meta, n, src, f_mac, f_vlan, f_vport, vport_fn, spoof, dest, count
                 continue
         dmac = meta[DMAC, i]
         if (dmac >> 40) & 1:                        # group bit: broadcast or multicast
-            m = all_fns & ~(np.int64(1) << src)
+            # The wire and the PF see every VLAN; a VF only those its filters take.
+            m = (np.int64(1) << WIRE) | (np.int64(1) << PF)
+            for f in range(nf):
+                v = f_vport[f]
+                if v >= 0 and vport_fn[v] >= 2 and vlan_matches(f_vlan[f], tagged, vid):
+                    m |= np.int64(1) << vport_fn[v]
+            m &= all_fns & ~(np.int64(1) << src)
         else:
             m = np.int64(0)
             for f in range(nf):

@@ -21,15 +21,18 @@ switch (sriov/eswitch.py).
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
+import select
 import struct
+import threading
 
 import numpy as np
 
 from switch.rxfilter import VLAN_UNTAGGED_OR_ZERO
 
-from .eswitch import EmbeddedSwitch
+from .eswitch import EmbeddedSwitch, EswitchError
 from .ixgbevf_rings import QREGS, QREGS_SIZE, TX_BASE, R_TAIL
 from .vfio import lib
 from .vfio_user import CommandError, UserDevice
@@ -57,6 +60,7 @@ SET_LPE, SET_MACVLAN, API_NEGOTIATE, GET_QUEUES = 0x05, 0x06, 0x08, 0x09
 # enum ixgbe_pfvf_api_rev: 1.0 = 0, 2.0 = 1 (Solaris), 1.1 = 2, 1.2 = 3, 1.3 = 4
 API_10, API_20, API_11, API_12, API_13 = 0, 1, 2, 3, 4
 SUPPORTED_APIS = (API_10, API_11, API_12, API_13)
+MAX_VLANS = 32          # VLAN filters one VF may add: the switch's table is shared
 PCI_VENDOR, PCI_DEVICE = 0x8086, 0x10ED        # 82599 Virtual Function
 
 
@@ -87,8 +91,13 @@ class Ixgbevf(UserDevice):
         # doorbells), so they are a memfd of their own: the trapped registers are
         # never in memory the guest holds. The file starts at BAR0's offset 0 so the
         # pages sit at their BAR offsets; the first page of it is unused.
-        self.qfd = os.memfd_create(f"ixgbevf{vf}-qregs")
+        self.qfd = os.memfd_create(f"ixgbevf{vf}-qregs",
+                                   os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
         os.ftruncate(self.qfd, QREGS + QREGS_SIZE)
+        # The guest gets this fd: sealed, so it cannot shrink the file under our
+        # mapping (a SIGBUS in the host) or grow it.
+        fcntl.fcntl(self.qfd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self._qmap = mmap.mmap(self.qfd, QREGS + QREGS_SIZE)
         self.q = np.frombuffer(self._qmap, np.uint32)[QREGS // 4:]
         self.icr = np.zeros(1, np.int64)                         # VTEICR, for the engines
@@ -96,7 +105,9 @@ class Ixgbevf(UserDevice):
         self.config = bytearray(256)
         struct.pack_into("<HH", self.config, 0, PCI_VENDOR, PCI_DEVICE)
         self.irqs: list[int] = []
-        self.stats = {"bad_access": 0, "nacked": 0, "messages": 0}
+        self.irq_lock = threading.Lock()          # the data path rings, the server sets
+        self.txs = np.zeros(2, np.int64)          # a frame being gathered (the engine's)
+        self.stats = {"bad_access": 0, "nacked": 0, "messages": 0, "irq_lost": 0}
         self.api = API_10
         self._reset_state()
 
@@ -105,6 +116,8 @@ class Ixgbevf(UserDevice):
         self.regs[:] = 0
         self.q[:] = 0
         self.icr[0] = 0
+        self.txs[:] = 0
+        self.vlans: set[int] = set()
         self.regs[VFLINKS // 4] = LINKS_UP | LINKS_SPEED_10G
         self.regs[VFMAILBOX // 4] = MB_RSTD               # reset done, not yet read
         self.clear_to_send = False
@@ -164,20 +177,44 @@ class Ixgbevf(UserDevice):
     def set_irqs(self, index, flags, start, count, fds):
         if index != lib.VFIO_PCI_MSIX_IRQ_INDEX:
             raise CommandError(errno.EINVAL, "the VF has MSI-X only")
-        self.disconnected()
-        self.irqs = list(fds)
+        for fd in fds:                             # eventfds only, never blocking us
+            try:
+                kind = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                kind = ""
+            if kind != "anon_inode:[eventfd]":
+                raise CommandError(errno.EINVAL, f"an MSI-X vector's fd is {kind or 'gone'}, "
+                                   f"not an eventfd")
+            os.set_blocking(fd, False)
+        with self.irq_lock:
+            old, self.irqs = self.irqs, list(fds)
+        for fd in old:
+            os.close(fd)
 
     def disconnected(self):
-        for fd in self.irqs:
+        with self.irq_lock:
+            old, self.irqs = self.irqs, []
+        for fd in old:
             if fd >= 0:
                 os.close(fd)
-        self.irqs = []
 
     def interrupt(self) -> None:
         """MSI-X vector 0 (queue 0 and the mailbox share it here), if unmasked and
-        wired; VTEICR already holds the cause."""
-        if self.irqs and self.irqs[0] >= 0 and int(self.regs[VTEIMS // 4]) & 1:
-            os.eventfd_write(self.irqs[0], 1)
+        wired; VTEICR already holds the cause. The eventfd is the guest's too: one
+        it filled (or made blocking again) loses the interrupt, never stalls us."""
+        if not int(self.regs[VTEIMS // 4]) & 1:
+            return
+        with self.irq_lock:
+            if not self.irqs or self.irqs[0] < 0:
+                return
+            fd = self.irqs[0]
+            try:
+                if select.select([], [fd], [], 0)[1]:
+                    os.eventfd_write(fd, 1)
+                else:
+                    self.stats["irq_lost"] += 1
+            except OSError:
+                self.stats["irq_lost"] += 1
 
     def close(self) -> None:
         self.disconnected()
@@ -260,13 +297,15 @@ class Ixgbevf(UserDevice):
             mac = words_mac(msg[1], msg[2])
             ok = mac[0] & 1 == 0 and mac != bytes(6) and (p.trust or mac == p.mac)
             if ok and mac != p.mac:
-                self._refilter(p.mac, mac)
-                p.mac = mac
+                ok = self._refilter(p.mac, mac)
+                if ok:
+                    p.mac = mac
         elif op == SET_VLAN:
             add, vid = (msg[0] >> MSGINFO_SHIFT) & 0xFF, msg[1] & 0xFFF
-            ok = p.vlan == 0 and 1 <= vid <= 4094
+            ok = (p.vlan == 0 and 1 <= vid <= 4094
+                  and (not add or vid in self.vlans or len(self.vlans) < MAX_VLANS))
             if ok:
-                self._vlan_filter(vid, bool(add))
+                ok = self._vlan_filter(vid, bool(add))
         elif op == API_NEGOTIATE:
             ok = msg[1] in SUPPORTED_APIS
             if ok:
@@ -280,30 +319,39 @@ class Ixgbevf(UserDevice):
             self.stats["nacked"] += 1
         return [op | (MSG_ACK if ok else MSG_NACK) | MSG_CTS] + (extra if ok else [])
 
-    def _refilter(self, old: bytes | None, new: bytes) -> None:
+    def _refilter(self, old: bytes | None, new: bytes) -> bool:
+        """The VPort's filter follows the new MAC: set first, the old one cleared
+        after, so a full table refuses the change instead of losing the MAC."""
         es = self.eswitch
-        if es is None:
-            return
-        v = es.vport_of(self.vf)
-        if v is None:
-            return
-        for f, mac, _ in es.filters(v):
-            if old is not None and mac == int.from_bytes(old, "big"):
-                es.clear_filter(f)
-        es.set_filter(v, int.from_bytes(new, "big"),
-                      self.policy.vlan or VLAN_UNTAGGED_OR_ZERO)
+        if es is None or (v := es.vport_of(self.vf)) is None:
+            return True
+        stale = [f for f, mac, _ in es.filters(v)
+                 if old is not None and mac == int.from_bytes(old, "big")]
+        try:
+            es.set_filter(v, int.from_bytes(new, "big"),
+                          self.policy.vlan or VLAN_UNTAGGED_OR_ZERO)
+        except EswitchError:
+            return False
+        for f in stale:
+            es.clear_filter(f)
+        return True
 
-    def _vlan_filter(self, vid: int, add: bool) -> None:
+    def _vlan_filter(self, vid: int, add: bool) -> bool:
         es, mac = self.eswitch, self.policy.mac
         if es is None or mac is None or (v := es.vport_of(self.vf)) is None:
-            return
+            return True
         m = int.from_bytes(mac, "big")
         mine = [f for f, fm, fv in es.filters(v) if fm == m and fv == vid]
         if add and not mine:
-            es.set_filter(v, m, vid)
+            try:
+                es.set_filter(v, m, vid)
+            except EswitchError:               # the shared table is full: refused
+                return False
         elif not add:
             for f in mine:
                 es.clear_filter(f)
+        (self.vlans.add if add else self.vlans.discard)(vid)
+        return True
 
 
 class Mailbox:

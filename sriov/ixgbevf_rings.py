@@ -83,8 +83,22 @@ def vf_transmit(mem, iova, iova_size, regs, icr, txs, meta, data, n, cursor, src
     cap = meta.shape[1] - ROW_PAD
     cause = 0
     while h != t:
-        if txs[T_SIZE] == 0 and (n >= cap or cursor > data.shape[0] - MAX_FRAME):
-            break                                    # a new frame needs room: next call
+        if txs[T_SIZE] == 0:
+            if n >= cap or cursor > data.shape[0] - MAX_FRAME:
+                break                                # a new frame needs room: next call
+            # Start a frame only when its EOP is already in [TDH, TDT): a frame is
+            # gathered in one call, into this batch, never continued in another.
+            e = h
+            whole = False
+            while e != t:
+                ce = le32(mem, off + e * 16 + 8)
+                if ((ce >> TXD_DTYP_SHIFT) & 0xF == TXD_DTYP_DATA and ce & TXD_CMD_DEXT
+                        and ce & TXD_CMD_EOP):
+                    whole = True
+                    break
+                e = (e + 1) % nd
+            if not whole:
+                break
         d = off + h * 16
         addr = _le64(mem, d)
         ctl = le32(mem, d + 8)
@@ -163,7 +177,12 @@ def vf_receive(mem, iova, iova_size, regs, icr, meta, data, plan, j0, j1, stats)
             d = off + h * 16
             b = _le64(mem, d) - iova
             chunk = min(bsize, ln - k * bsize)
-            copy_bytes(mem, b, data, src + k * bsize, chunk)
+            # Checked again: an earlier chunk may have landed on this descriptor.
+            if b >= 0 and b <= iova_size - chunk and b <= mem.shape[0] - chunk:
+                copy_bytes(mem, b, data, src + k * bsize, chunk)
+            else:
+                stats[S_RX_BAD_DMA] += 1
+                chunk = 0
             put_le(mem, d, 0, 8)                  # write-back: no RSS, no packet type
             status = RXD_STAT_DD | (RXD_STAT_EOP if k == need - 1 else 0)
             put_le32(mem, d + 8, status)

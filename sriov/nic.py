@@ -15,6 +15,7 @@ while it stands: the server's DMA lock is held around each use.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -25,7 +26,9 @@ from switch.parse import parse_batch
 from . import ixgbevf_rings as R
 from .eswitch import PF, WIRE, EmbeddedSwitch, vf_function
 from .ixgbevf import Ixgbevf, VfPolicy
-from .vfio_user import Server
+from .vfio_user import DMA_WRITEABLE, Server
+
+log = logging.getLogger("hvnet.sriov")
 
 
 class SriovNic:
@@ -35,8 +38,8 @@ class SriovNic:
         self.vfs = [Ixgbevf(k, policies[k], self.eswitch) for k in range(num_vfs)]
         self.servers: list[Server | None] = [None] * num_vfs
         self.threads: list[threading.Thread | None] = [None] * num_vfs
-        self.txs = np.zeros((num_vfs, 2), np.int64)
         self.stats = np.zeros((num_vfs, R.NSTATS), np.int64)
+        self.errors = np.zeros(num_vfs, np.int64)
         self.batch = PacketBatch(256, 1 << 22)
         self.dest = np.zeros(256, np.int64)
         self.to_wire = None            # (batch, frame indexes) -> None
@@ -57,11 +60,25 @@ class SriovNic:
 
     # ---- the data path ----------------------------------------------------------------
     def poll(self) -> int:
-        """Every VF's transmit ring once; returns the frames it took."""
+        """Every VF's transmit ring once; returns the frames it took. One VF's
+        failure is logged and counted; the others go on."""
         moved = 0
         for k in range(len(self.vfs)):
-            moved += self._transmit(k)
+            try:
+                moved += self._transmit(k)
+            except Exception:
+                log.exception("VF %d: its transmit failed", k)
+                self.errors[k] += 1
         return moved
+
+    @staticmethod
+    def _mapping(srv):
+        """The mapping the engines use: the first, writable (a read-only one would
+        not take receive write-backs), below 2**63 (the kernels' int64)."""
+        for m in srv.dma:
+            if m.flags & DMA_WRITEABLE and m.address + m.size <= 1 << 63:
+                return m
+        return None
 
     def _transmit(self, k: int) -> int:
         srv = self.servers[k]
@@ -69,14 +86,14 @@ class SriovNic:
             return 0
         vf, b = self.vfs[k], self.batch
         with srv.dma_lock:
-            if not srv.dma:
+            m = self._mapping(srv)
+            if m is None:
                 return 0
-            m = srv.dma[0]
             mem = np.frombuffer(m.map, np.uint8)
             try:
                 b.reset()
                 n, cur, cause = R.vf_transmit(mem, m.address, m.size, vf.q, vf.icr,
-                                              self.txs[k], b.meta, b.data, 0, 0,
+                                              vf.txs, b.meta, b.data, 0, 0,
                                               vf_function(k), self.stats[k])
             finally:
                 del mem
@@ -121,10 +138,10 @@ class SriovNic:
         plan = np.zeros((2, idx.size), np.int64)
         plan[0] = idx
         with srv.dma_lock:
-            if not srv.dma:
+            m = self._mapping(srv)
+            if m is None:
                 self.stats[j, R.S_RX_NO_DESC] += idx.size
                 return 0
-            m = srv.dma[0]
             mem = np.frombuffer(m.map, np.uint8)
             try:
                 done, cause = R.vf_receive(mem, m.address, m.size, vf.q, vf.icr, b.meta,

@@ -23,6 +23,7 @@ closed; the device keeps its state.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import mmap
@@ -112,13 +113,18 @@ class Connection:
         data, fds, _, _ = socket.recv_fds(self.sock, HEADER.size, MAX_FDS + 1)
         if not data:
             raise EOFError("peer closed the connection")
-        head = data + self._exact(HEADER.size - len(data)) if len(data) < HEADER.size else data
-        msg_id, cmd, size, flags, error = HEADER.unpack(head)
-        if not HEADER.size <= size <= MAX_MESSAGE:
-            for fd in fds:
+        try:
+            head = data + self._exact(HEADER.size - len(data)) if len(data) < HEADER.size \
+                else data
+            msg_id, cmd, size, flags, error = HEADER.unpack(head)
+            if not HEADER.size <= size <= MAX_MESSAGE:
+                raise ProtocolError(f"message size {size} outside {HEADER.size}.."
+                                    f"{MAX_MESSAGE}")
+            return msg_id, cmd, flags, error, self._exact(size - HEADER.size), fds
+        except BaseException:
+            for fd in fds:                # a message cut short keeps none of its fds
                 os.close(fd)
-            raise ProtocolError(f"message size {size} outside {HEADER.size}..{MAX_MESSAGE}")
-        return msg_id, cmd, flags, error, self._exact(size - HEADER.size), fds
+            raise
 
 
 # ---- the device side -------------------------------------------------------------------------
@@ -215,20 +221,34 @@ class Server:
             self.conn.sock.close()
 
     def disconnect(self) -> None:
-        with self.dma_lock:
-            for m in self.dma:
-                m.map.close()
-            self.dma.clear()
-        self.device.disconnected()
+        try:
+            with self.dma_lock:
+                maps, self.dma = self.dma, []
+                for m in maps:
+                    try:
+                        m.map.close()
+                    except BufferError:       # a view still open: freed with it
+                        pass
+        finally:
+            self.device.disconnected()
 
     def serve_one(self) -> bool:
         try:
             msg_id, cmd, flags, _, payload, fds = self.conn.recv()
-        except (EOFError, ConnectionResetError):
+        except (EOFError, OSError):
             return False
         except ProtocolError as e:
             self._count(str(e))
             return False                                     # no framing: hang up
+        try:
+            return self._serve(msg_id, cmd, flags, payload, fds)
+        except OSError:                       # the client went while we answered
+            return False
+        finally:
+            for fd in fds:                    # what the command did not take
+                os.close(fd)
+
+    def _serve(self, msg_id, cmd, flags, payload, fds) -> bool:
         try:
             if flags & 0xF != T_COMMAND:
                 raise CommandError(errno.EINVAL, "a reply where a command was due")
@@ -246,8 +266,6 @@ class Server:
                     from None
         except CommandError as e:
             self._count((e.strerror or "").split(":")[0])
-            for fd in fds:
-                os.close(fd)
             if not flags & F_NO_REPLY:
                 self.conn.send(msg_id, cmd, reply=True, error=e.errno or errno.EINVAL)
             return True
@@ -281,23 +299,36 @@ class Server:
             if len(fds) != 1:
                 raise CommandError(errno.EINVAL, "DMA_MAP: one memory fd expected (this "
                                    "server has no DMA_READ/WRITE fallback)")
-            if size == 0 or address + size > 1 << 64 or not flags & (DMA_READABLE | DMA_WRITEABLE):
+            fd = fds.pop()                    # ours from here: closed below, once
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            if not seals & fcntl.F_SEAL_SHRINK:
+                os.close(fd)
+                raise CommandError(errno.EPERM, "DMA_MAP: the memory must be a memfd "
+                                   "sealed against shrinking (else the client could "
+                                   "truncate it under the device: SIGBUS)")
+            fds = [fd]
+            if size == 0 or address + size > 1 << 63 or not flags & (DMA_READABLE | DMA_WRITEABLE):
                 raise CommandError(errno.EINVAL, f"DMA_MAP: bad range {address:#x}+{size:#x} "
                                    f"or flags {flags:#x}")
-            if any(m.address < address + size and address < m.address + m.size
-                   for m in self.dma):
-                raise CommandError(errno.EEXIST, f"DMA_MAP: {address:#x}+{size:#x} overlaps "
-                                   f"a mapping")
-            if len(self.dma) >= self.max_dma_maps:
-                raise CommandError(errno.ENOSPC, "DMA_MAP: too many mappings")
             try:
-                mapping = _Mapping(address, size, flags, fds[0], offset)
+                if any(m.address < address + size and address < m.address + m.size
+                       for m in self.dma):
+                    raise CommandError(errno.EEXIST, f"DMA_MAP: {address:#x}+{size:#x} "
+                                       f"overlaps a mapping")
+                if len(self.dma) >= self.max_dma_maps:
+                    raise CommandError(errno.ENOSPC, "DMA_MAP: too many mappings")
+                try:
+                    mapping = _Mapping(address, size, flags, fd, offset)
+                except (OSError, ValueError, OverflowError) as e:
+                    raise CommandError(errno.EINVAL, f"DMA_MAP: cannot map the fd: {e}") \
+                        from None
                 with self.dma_lock:
                     self.dma.append(mapping)
-            except (OSError, ValueError) as e:
-                raise CommandError(errno.EINVAL, f"DMA_MAP: cannot map the fd: {e}") from None
             finally:
-                os.close(fds[0])
+                os.close(fds.pop())
             return b"", []
         if cmd == DMA_UNMAP:
             argsz, flags, address, size = self._need(payload, DMA_UNMAP_S, "DMA_UNMAP")
@@ -351,7 +382,14 @@ class Server:
             if flags & lib.VFIO_IRQ_SET_DATA_EVENTFD and fds and len(fds) != count:
                 raise CommandError(errno.EINVAL, f"SET_IRQS: {len(fds)} eventfds for "
                                    f"{count} interrupts")
-            d.set_irqs(index, flags, start, count, fds)
+            taken = list(fds)
+            fds.clear()                       # the device owns them once it took them
+            try:
+                d.set_irqs(index, flags, start, count, taken)
+            except BaseException:
+                for fd in taken:
+                    os.close(fd)
+                raise
             return b"", []
         if cmd in (REGION_READ, REGION_WRITE):
             offset, index, count = self._need(payload, REGION_RW, "REGION_READ/WRITE")

@@ -88,9 +88,11 @@ def test_from_the_wire_by_the_filter_rules(es):
 def test_flooding_and_the_hairpin(es):
     vf0, vf1 = vf_function(0), vf_function(1)
     bcast = "ff:ff:ff:ff:ff:ff"
-    assert steer(es, WIRE, (OTHER, bcast, None)) == [bit(PF, vf0, vf1)]
+    # Flooding respects VLANs: VF 1 takes VLAN 5 only, VF 0 untagged only.
+    assert steer(es, WIRE, (OTHER, bcast, None), (OTHER, bcast, 5)) == \
+        [bit(PF, vf0), bit(PF, vf1)]
     assert steer(es, vf0, (VM0, bcast, None), (VM0, "33:33:00:00:00:01", None)) == \
-        [bit(WIRE, PF, vf1)] * 2
+        [bit(WIRE, PF)] * 2
     assert steer(es, vf0, (VM0, HOST, None), (VM0, OTHER, None)) == [bit(PF), bit(WIRE)]
     # VF 1 is on VLAN 5 only: an untagged frame to it goes out, not across.
     assert steer(es, vf0, (VM0, VM1, None)) == [bit(WIRE)]

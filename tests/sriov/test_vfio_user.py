@@ -83,6 +83,15 @@ class Toy(U.UserDevice):
         self.resets += 1
 
 
+def sealed_memfd(size: int) -> int:
+    """Client memory as the server takes it: a memfd that cannot shrink."""
+    import fcntl
+    fd = os.memfd_create("client-ram", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
 @pytest.fixture
 def pair():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -115,8 +124,7 @@ def test_a_driver_runs_the_device_through_the_vfio_calls(pair):
     assert os.pread(dev.bar, 4, 0) == b"\xde\xad\xbe\xef"
     assert not cl.region(CONFIG).mappable
     # DMA: the client's memory as a memfd, mapped at 0x0 for 64 KiB.
-    mem = os.memfd_create("client-ram")
-    os.ftruncate(mem, 1 << 16)
+    mem = sealed_memfd(1 << 16)
     os.pwrite(mem, bytes(range(64)), 0x1000)
     cl.dma_map(mem, 0, 0x0, 1 << 16)
     ev = os.eventfd(0, os.EFD_NONBLOCK)
@@ -136,8 +144,13 @@ def test_a_driver_runs_the_device_through_the_vfio_calls(pair):
 def test_the_device_reaches_only_what_the_client_mapped(pair):
     cl, srv, dev, _ = pair
     cl.version()
-    mem = os.memfd_create("client-ram")
-    os.ftruncate(mem, 1 << 16)
+    loose = os.memfd_create("loose")                   # shrinkable: refused outright
+    os.ftruncate(loose, 1 << 16)
+    with pytest.raises(U.CommandError) as e:
+        cl.dma_map(loose, 0, 0x40000, 0x1000)
+    assert e.value.errno == errno.EPERM
+    os.close(loose)
+    mem = sealed_memfd(1 << 16)
     cl.dma_map(mem, 0, 0x10000, 0x1000, write=False)            # read-only, 4 KiB
     with pytest.raises(U.CommandError, match="EFAULT|Bad address") as e:
         cl.region_write(BAR0, 0x100, struct.pack("<Q", 0x10800))   # its source is unmapped

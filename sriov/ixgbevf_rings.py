@@ -39,6 +39,9 @@ TXD_CMD_EOP, TXD_CMD_IFCS, TXD_CMD_RS, TXD_CMD_DEXT = 0x01000000, 0x02000000, 0x
 TXD_STAT_DD = 0x01
 EICR_RTX_Q0 = 0x01                                   # queue 0's cause (VTIVAR default)
 MAX_FRAME = 9728                                     # jumbo, as ixgbevf's max_mtu allows
+MAX_RING_BYTES = 1 << 20                             # TDLEN/RDLEN are 20 bits wide
+MAX_FRAME_DESC = 64                                  # descriptors one frame may span
+MAX_DESC_PER_CALL = 4096                             # one VF's share of one poll
 # stats[]
 S_TX_FRAMES, S_TX_DESC, S_TX_BAD_DMA, S_TX_CTXT, S_TX_RUNT, S_RING_ERROR, \
     S_RX_FRAMES, S_RX_NO_DESC, S_RX_BAD_DMA, S_RX_TOO_BIG = range(10)
@@ -62,7 +65,8 @@ def _ring(regs, base, mem_size, iova, iova_size):
     off = addr - iova
     head = np.int64(regs[(base + R_HEAD) >> 2])
     tail = np.int64(regs[(base + R_TAIL) >> 2])
-    if (ln <= 0 or ln % 128 != 0 or addr % 128 != 0 or off < 0 or off > iova_size - ln
+    if (ln <= 0 or ln % 128 != 0 or ln > MAX_RING_BYTES or addr % 128 != 0 or off < 0
+            or off > iova_size - ln
             or off > mem_size - ln or head >= nd or tail >= nd):
         return off, np.int64(-1), head, tail
     return off, nd, head, tail
@@ -82,6 +86,7 @@ def vf_transmit(mem, iova, iova_size, regs, icr, txs, meta, data, n, cursor, src
         return n, cursor, 0
     cap = meta.shape[1] - ROW_PAD
     cause = 0
+    budget = MAX_DESC_PER_CALL
     while h != t:
         if txs[T_SIZE] == 0:
             if n >= cap or cursor > data.shape[0] - MAX_FRAME:
@@ -90,7 +95,9 @@ def vf_transmit(mem, iova, iova_size, regs, icr, txs, meta, data, n, cursor, src
             # gathered in one call, into this batch, never continued in another.
             e = h
             whole = False
-            while e != t:
+            for _ in range(MAX_FRAME_DESC):
+                if e == t:
+                    break
                 ce = le32(mem, off + e * 16 + 8)
                 if ((ce >> TXD_DTYP_SHIFT) & 0xF == TXD_DTYP_DATA and ce & TXD_CMD_DEXT
                         and ce & TXD_CMD_EOP):
@@ -98,7 +105,20 @@ def vf_transmit(mem, iova, iova_size, regs, icr, txs, meta, data, n, cursor, src
                     break
                 e = (e + 1) % nd
             if not whole:
-                break
+                if (t - h) % nd < MAX_FRAME_DESC:
+                    break                            # its EOP is not posted yet
+                stats[S_TX_BAD_DMA] += 1             # no EOP within 64: not a frame,
+                for _ in range(MAX_FRAME_DESC):      # its descriptors are skipped
+                    d = off + h * 16
+                    if le32(mem, d + 8) & TXD_CMD_RS:
+                        put_le32(mem, d + 12, le32(mem, d + 12) | TXD_STAT_DD)
+                    h = (h + 1) % nd
+                budget -= MAX_FRAME_DESC
+                if budget <= 0:
+                    break
+                continue
+            if budget <= 0:
+                break                                # the other VFs' turn: next call
         d = off + h * 16
         addr = _le64(mem, d)
         ctl = le32(mem, d + 8)
@@ -131,6 +151,7 @@ def vf_transmit(mem, iova, iova_size, regs, icr, txs, meta, data, n, cursor, src
             put_le32(mem, d + 12, le32(mem, d + 12) | TXD_STAT_DD)
             cause = EICR_RTX_Q0
         h = (h + 1) % nd
+        budget -= 1
     regs[(TX_BASE + R_HEAD) >> 2] = h
     icr[0] |= cause
     return n, cursor, cause

@@ -203,3 +203,21 @@ def test_random_rings_and_registers_never_reach_outside_memory():
     # The fuzz reached every outcome, not only the ring checks.
     assert seen[R.S_TX_FRAMES] and seen[R.S_TX_BAD_DMA] and seen[R.S_RX_FRAMES]
     assert seen[R.S_RX_BAD_DMA] + seen[R.S_RX_NO_DESC] and seen[R.S_RING_ERROR]
+
+
+def test_a_frame_of_more_than_64_descriptors_is_skipped_and_the_ring_goes_on():
+    r = Rig(ndesc=128)
+    for _ in range(70):                                        # no EOP in 64 of them
+        r.tx_desc(b"\x00" * 10, R.TXD_CMD_RS)
+    r.tx_desc(frame(1), R.TXD_CMD_EOP | R.TXD_CMD_RS)
+    b, _ = r.transmit()
+    assert r.stats[R.S_TX_BAD_DMA] == 1 and r.get(R.TX_BASE + R.R_HEAD) != 0
+    assert r.mem[TXRING + 12] & R.TXD_STAT_DD                  # skipped, given back
+
+
+def test_a_ring_longer_than_the_hardware_allows_is_not_run():
+    r = Rig()
+    r.set(R.TX_BASE + R.R_LEN, (1 << 20) + 128)
+    r.tx_desc(frame(1), R.TXD_CMD_EOP)
+    b, _ = r.transmit()
+    assert b.n == 0 and r.stats[R.S_RING_ERROR] == 1

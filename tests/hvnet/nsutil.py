@@ -189,3 +189,13 @@ def rss_index(src, dst, sport, dport, n):
     tup = np.frombuffer(ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
                         + sport.to_bytes(2, "big") + dport.to_bytes(2, "big"), np.uint8)
     return (int(toeplitz(key_table(DEFAULT_KEY), tup, 0, 12)) & 127) % n
+
+
+def in_ns(ns, fn):
+    """``fn()`` run with this thread inside network namespace ``ns`` (sockets it
+    opens stay there), back in the original one afterwards."""
+    netns.pushns(ns)
+    try:
+        return fn()
+    finally:
+        netns.popns()

@@ -23,6 +23,7 @@ from switch.afpacket import RingSocket
 from switch.batch import PacketBatch
 from switch.memport import MemoryPorts
 from switch.switch import Switch
+from tests.hvnet.nsutil import in_ns
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a namespace")]
@@ -34,15 +35,6 @@ VF_MAC, VM_MAC, HOST_MAC = (bytes.fromhex("02000000aa01"), "02:00:00:00:bb:01",
 def frame(src, dst, k):
     f = raw(Ether(src=src, dst=dst) / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=k))
     return f + bytes(120 - len(f))
-
-
-def in_ns(ns, fn):
-    from pyroute2 import netns
-    netns.pushns(ns)
-    try:
-        return fn()
-    finally:
-        netns.popns()
 
 
 @pytest.fixture

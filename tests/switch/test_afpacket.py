@@ -23,6 +23,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tests.hvnet.nsutil import in_ns
+
 from switch.afpacket import (MAX_FRAME, S_BLOCK, S_OFF, S_PKT, PacketRingPorts, RingSocket,
                              ring_receive_v2, ring_receive_v3)
 from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, DROP, F_CSUM_PARTIAL, F_CSUM_VALID,
@@ -687,15 +689,6 @@ def veth(tmp_path):
         yield ns
     finally:
         nn.teardown()
-
-
-def in_ns(ns, fn):
-    from pyroute2 import netns
-    netns.pushns(ns)
-    try:
-        return fn()
-    finally:
-        netns.popns()
 
 
 def open_ring(ns, version, offloads=True) -> RingSocket:

@@ -42,8 +42,10 @@ import time
 
 import numpy as np
 
-from switch.byteorder import be16, le16, le32, put_le, put_le32
+from switch.byteorder import be16, le16, le32, put_be16, put_le, put_le32
+from switch.checksum import sum16
 from switch.kernel import helper, kernel
+from switch.port import mac_to_int
 from switch.syscalls import clock_gettime, clock_nanosleep, send
 
 CLOCK_REALTIME = 0
@@ -59,7 +61,7 @@ SOL_PACKET = 263
 PACKET_RX_RING, PACKET_VERSION, PACKET_STATISTICS = 5, 10, 6
 PACKET_QDISC_BYPASS, PACKET_IGNORE_OUTGOING = 20, 23
 TPACKET_V3 = 2
-TP_STATUS_USER = 1
+TP_STATUS_KERNEL, TP_STATUS_USER = 0, 1
 ETH_P_IP = 0x0800
 BLOCK_SIZE, BLOCK_NR = 1 << 20, 64
 LAT_CAPACITY = 1 << 21     # latency samples kept per trial (the rest are only counted)
@@ -152,28 +154,11 @@ def drain(ring, block_size, block_nr, state, port, trial, lat, stats):
             if nxt == 0:
                 break
             p += nxt
-        ring[base + 8] = 0                  # TP_STATUS_KERNEL: the block goes back
-        ring[base + 9] = 0
-        ring[base + 10] = 0
-        ring[base + 11] = 0
+        put_le32(ring, base + 8, TP_STATUS_KERNEL)   # the block goes back
         state[0] = (b + 1) % block_nr
 
 
 # ---- frames and interfaces -------------------------------------------------------------------
-
-def _mac_bytes(mac: str) -> bytes:
-    b = bytes(int(x, 16) for x in mac.split(":"))
-    if len(b) != 6:
-        raise ValueError(f"bad MAC address {mac!r}")
-    return b
-
-
-def _ip_checksum(hdr: bytes) -> int:
-    s = sum(struct.unpack(f"!{len(hdr) // 2}H", hdr))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
 
 def build_frame(size: int, src_mac: str, dst_mac: str, src_ip: str, dst_ip: str,
                 sport: int, dport: int) -> np.ndarray:
@@ -183,11 +168,12 @@ def build_frame(size: int, src_mac: str, dst_mac: str, src_ip: str, dst_ip: str,
     n = size - FCS
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, n - 14, 0, 0x4000, 64, 17, 0,
                      socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
-    ip = ip[:10] + struct.pack("!H", _ip_checksum(ip)) + ip[12:]
     udp = struct.pack("!HHHH", sport, dport, n - 34, 0)
-    head = _mac_bytes(dst_mac) + _mac_bytes(src_mac) + b"\x08\x00" + ip + udp
+    head = (mac_to_int(dst_mac).to_bytes(6, "big") + mac_to_int(src_mac).to_bytes(6, "big")
+            + b"\x08\x00" + ip + udp)
     frame = np.zeros(n, dtype=np.uint8)
     frame[:HDRS] = np.frombuffer(head, dtype=np.uint8)
+    put_be16(frame, 24, ~sum16(frame, 14, 20) & 0xFFFF)     # the IPv4 header checksum
     return frame
 
 

@@ -21,7 +21,8 @@ import os
 import numpy as np
 
 from switch.afpacket import PacketRingPorts, ring_transmit
-from switch.batch import ALIGN, LEN, NFIELDS, OFF, ROW_PAD, PacketBatch, copy_bytes
+from switch.batch import (ALIGN, F_VLAN, FLAGS, LEN, NFIELDS, OFF, ROW_PAD, TCI, PacketBatch,
+                          copy_bytes, init_packet)
 from switch.kernel import kernel
 
 from .eswitch import PF
@@ -43,8 +44,9 @@ def keep_marked(meta, n, dest, bit):
 
 @kernel
 def append_frames(meta, data, n, cursor, src_meta, src_data, idx, port_id):
-    """Copy frames ``idx`` of another batch behind ``n`` frames, as ``port_id``'s.
-    Returns (n, cursor); stops where the batch is full."""
+    """Copy frames ``idx`` of another batch behind ``n`` frames, received as
+    ``port_id``'s, each with the 802.1Q tag it carried out of band. Returns (n,
+    cursor); stops where the batch is full."""
     cap = meta.shape[1] - ROW_PAD
     for j in range(idx.shape[0]):
         i = idx[j]
@@ -54,11 +56,10 @@ def append_frames(meta, data, n, cursor, src_meta, src_data, idx, port_id):
                 cursor > data.shape[0] - ln:
             break
         copy_bytes(data, cursor, src_data, off, ln)
-        for f in range(NFIELDS):
-            meta[f, n] = 0
-        meta[OFF, n] = cursor
-        meta[LEN, n] = ln
-        meta[2, n] = port_id                       # SRC_PORT
+        init_packet(meta, n, cursor, ln, port_id, 0)
+        if src_meta[FLAGS, i] & F_VLAN:
+            meta[FLAGS, n] |= F_VLAN
+            meta[TCI, n] = src_meta[TCI, i]
         cursor = (cursor + ln + ALIGN - 1) & ~(ALIGN - 1)
         n += 1
     return n, cursor
@@ -91,11 +92,13 @@ class SriovUplinkPorts(PacketRingPorts):
             dest = self.nic.from_wire(batch, outside=False)
             batch.n = keep_marked(batch.meta, n, dest, PF)
         self._rx = batch
-        for fd in self.nic.doorbells():           # the VFs' TDT ioeventfds
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
+        ready = self.switch.ready_fds if self.switch is not None else None
+        for fd in self.nic.doorbells():           # the VFs' TDT ioeventfds, emptied when
+            if ready is None or fd in ready:      # epoll saw them (no syscall otherwise)
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
         self.nic.poll()                           # VF frames: _to_wire / _to_pf
         self._rx = None
         return batch.n
@@ -115,7 +118,7 @@ class SriovUplinkPorts(PacketRingPorts):
         plan = np.zeros((2, k), np.int64)
         plan[0] = idx
         plan[1] = q
-        span = np.zeros((q + 1, 2), np.int64)
+        span = np.zeros((int(self.port_ids.max()) + 1, 2), np.int64)   # every id it reads
         span[q] = (0, k)
         ring_transmit(b.meta, b.data, plan, span, self.port_ids, self.fd_array, self.rings,
                       self.tx_bases, self.frame_size, self.frame_nr, self.layout, self.states,

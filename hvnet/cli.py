@@ -49,10 +49,10 @@ def _run_of(name: str | None):
     return runs[0]
 
 
-def _call(run, op, **args):
+def _call(run, op, timeout: float = 30.0, **args):
     from .control import ControlError, call
     try:
-        return call(run.socket, op, **args)
+        return call(run.socket, op, timeout=timeout, **args)
     except ControlError as e:
         raise CliError(f"{run.name}: {e}") from None
 
@@ -374,6 +374,30 @@ def cmd_link(a) -> int:
     return 0
 
 
+def cmd_vf(a) -> int:
+    """A VF hot-removed and re-added (vswitch_vmq_sriov.md 4.3): once, or with
+    ``chaos`` again and again at random times, the way host servicing does it."""
+    run = _run_of(a.topology)
+    if a.action != "chaos":
+        print(_call(run, "vf", timeout=180, port=a.port, action=a.action))
+        return 0
+    import random
+    import time
+    if a.times < 1 or not 0 < a.min_s <= a.max_s:
+        raise CliError("chaos needs --times >= 1 and 0 < --min <= --max", 2)
+    rng = random.Random(a.seed)
+    from rich.progress import Progress
+    with Progress(transient=not sys.stdout.isatty()) as prog:
+        task = prog.add_task(f"VF chaos on {a.port}", total=a.times)
+        for k in range(a.times):
+            time.sleep(rng.uniform(a.min_s, a.max_s))
+            prog.console.print(_call(run, "vf", timeout=180, port=a.port, action="remove"))
+            time.sleep(rng.uniform(a.min_s, a.max_s))
+            prog.console.print(_call(run, "vf", timeout=180, port=a.port, action="add"))
+            prog.advance(task)
+    return 0
+
+
 def cmd_vm(a) -> int:
     run = _run_of(a.topology)
     if a.action == "add":
@@ -571,6 +595,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("port", help="port name, as 'hvnet stats' shows it (a VM NIC or host vNIC)")
     s.add_argument("state", choices=["up", "down"])
     s.set_defaults(func=cmd_link)
+
+    s = sub.add_parser("vf", help="hot-remove or re-add the VF of a NIC of kind sriov "
+                       "(its traffic fails over to the synthetic path and back)")
+    topo_opt(s)
+    s.add_argument("port", help="the sriov NIC's port, e.g. vm1.eth0")
+    s.add_argument("action", choices=["remove", "add", "chaos"],
+                   help="chaos: remove and re-add at random times, --times over")
+    s.add_argument("--times", type=int, default=5, help="(chaos) removals")
+    s.add_argument("--min", dest="min_s", type=float, default=0.5,
+                   help="(chaos) shortest wait in seconds")
+    s.add_argument("--max", dest="max_s", type=float, default=3.0,
+                   help="(chaos) longest wait in seconds")
+    s.add_argument("--seed", type=int, default=None, help="(chaos) random seed")
+    s.set_defaults(func=cmd_vf)
 
     s = sub.add_parser("vm", help="add or remove a VM at run time")
     topo_opt(s)

@@ -52,6 +52,7 @@ def handlers(rt: Runtime, stop: threading.Event) -> dict:
         "stats": lambda port=None: rt.stats(port),
         "set": set_,
         "link": link,
+        "vf": lambda port, action: rt.vf(port, action),
         "set_indirection": lambda port, table: {"table": rt.set_indirection(port, list(table))},
         "add_vm": add_vm,
         "remove_vm": lambda vm: rt.remove_vm(vm),

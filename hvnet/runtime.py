@@ -215,8 +215,165 @@ class E1000VmNic(PartitionNic):
         self.device.dev.set_link(up)      # under the switch's data-path lock (set_link)
 
 
-NIC_PROVIDERS = {"tap": TapNic, "synthetic": SyntheticNic, "e1000": E1000VmNic}
-NOT_YET = {"sriov": "SR-IOV VF passthrough"}
+class SriovVmNic(SyntheticNic):
+    """NIC kind ``sriov``: a synthetic NIC (its NetVSP device, the switch port) whose
+    guest driver (sriov.netvsc_vf) also takes a VF of the switch's SR-IOV uplink
+    when one is free, as Hyper-V assigns one to an IOV-enabled vNIC
+    (vswitch_vmq_sriov.md 4.2, 4.3; checklist 38-40). Without a free VF it stays
+    synthetic, like a VM beyond the NIC's VFs.
+
+    Assignment: the VF reset, its VPort created, the NIC's MAC as its admin MAC;
+    the VF goes to the VM (``pci_add`` with a vfio-user socket), then the VF
+    association (NVSP 128). The data path moves when the guest asks
+    (SWITCH_DATA_PATH, 129): the vNIC's filter moves between the default VPort
+    and the VF's. Removal: the data path back to synthetic and the filter back
+    (NetVSP's withdraw_vf), the guest asked to let go (``pci_eject``, a surprise
+    removal after EJECT_S), then the VPort deleted and the VF reset and freed."""
+    DRIVER, WHAT = "sriov.netvsc_vf", "NetVSC+VF"
+    EJECT_S = 5.0
+    ADD_S = 120.0            # the guest's VF driver may compile its loops first
+
+    def host(self):
+        from sriov.eswitch import DEFAULT_VPORT
+        fds = super().host()
+        self.sriov = self.rt.sriov[self.nic.switch]
+        self.vf: int | None = None
+        self.vport: int | None = None
+        self.mac = self.nic.port.mac
+        es = self.sriov.eswitch
+        # the vNIC's filter, on the default VPort while the VM is synthetic (4.2 step 2)
+        self.filter = es.set_filter(DEFAULT_VPORT, self.mac)
+        self.device.on_data_path = self._data_path
+        self.ctl_lock = threading.Lock()
+        return fds
+
+    def attach(self):
+        port = super().attach()
+        self.rt.after_start.append(self._first_vf)
+        return port
+
+    def _first_vf(self):
+        try:
+            self.vf_add()
+        except RuntimeError_ as e:
+            self.rt.vf_notes[self.port_name] = str(e)
+            log.warning("%s", e)
+
+    def _data_path(self, channel, path) -> bool:
+        """NetVSP's backend for SWITCH_DATA_PATH (on the switch's data-path thread,
+        which also steers VF frames): the filter to the VF's VPort or back."""
+        from netvsp import nvsp as N
+        from sriov.eswitch import DEFAULT_VPORT
+        es = self.sriov.eswitch
+        if path == N.DATAPATH_VF:
+            if self.vport is None:
+                return False
+            es.move_filters(self.mac, DEFAULT_VPORT, self.vport)
+        elif self.vport is not None:
+            es.move_filters(self.mac, self.vport, DEFAULT_VPORT)
+        return True
+
+    def _reply(self, want: str, timeout: float):
+        import select
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.ctl.fileno()], [], [], left)[0]:
+                return None
+            got = self.ctl.recv()
+            if got is None:
+                return None
+            for fd in got[1]:
+                import os
+                os.close(fd)
+            if got[0].get("type") == want:
+                return got[0]
+
+    def vf_add(self) -> str:
+        import socket
+
+        from sriov.ixgbevf import VfPolicy
+        with self.ctl_lock:
+            if self.vf is not None:
+                return f"{self.port_name}: VF {self.vf} is already assigned"
+            nic, sw = self.sriov, self.rt.switches[self.nic.switch]
+            taken = {p.vf for provs in self.rt.nics.values() for p in provs
+                     if isinstance(p, SriovVmNic) and p.vf is not None}
+            free = [k for k in range(len(nic.vfs)) if k not in taken]
+            if not free:
+                raise RuntimeError_(f"{self.port_name}: every VF of switch "
+                                    f"{self.nic.switch!r}'s uplink is assigned: the NIC "
+                                    "stays synthetic")
+            k = free[0]
+            with sw._dp_lock:
+                nic.vfs[k].reset()
+                nic.vfs[k].policy = VfPolicy(self.mac.to_bytes(6, "big"))
+                self.vport = nic.eswitch.create_vport(k)
+                self.vf = k
+            host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            nic.serve(k, host_end)
+            self.ctl.send({"type": "pci_add", "serial": k + 1}, [guest_end.fileno()])
+            guest_end.close()
+            got = self._reply("pci_added", self.ADD_S)
+            if got is None or not got.get("ok"):
+                self._free(k, sw)
+                why = "no answer" if got is None else got.get("why", "refused")
+                raise RuntimeError_(f"{self.port_name}: the guest did not take VF {k} "
+                                    f"({why}): the NIC stays synthetic")
+            with sw._dp_lock:
+                offered = self.device.offer_vf(k + 1)
+            self.rt.vf_notes.pop(self.port_name, None)
+            return (f"{self.port_name}: VF {k} assigned" +
+                    ("" if offered else " (the guest cannot team with a VF yet)"))
+
+    def vf_remove(self) -> str:
+        with self.ctl_lock:
+            if self.vf is None:
+                return f"{self.port_name}: no VF to remove"
+            k, sw = self.vf, self.rt.switches[self.nic.switch]
+            with sw._dp_lock:
+                self.device.withdraw_vf()        # data path and filter back first
+            self.ctl.send({"type": "pci_eject"})
+            ejected = self._reply("pci_ejected", self.EJECT_S) is not None
+            self._free(k, sw)
+            return (f"{self.port_name}: VF {k} removed" +
+                    ("" if ejected else " (surprise removal: the guest did not answer)"))
+
+    def _free(self, k: int, sw) -> None:
+        from sriov.eswitch import DEFAULT_VPORT
+        es = self.sriov.eswitch
+        with sw._dp_lock:
+            if self.vport is not None:
+                es.move_filters(self.mac, self.vport, DEFAULT_VPORT)
+                for f, _, _ in es.filters(self.vport):      # what the VF's mailbox set
+                    es.clear_filter(f)
+                es.delete_vport(self.vport)
+            self.vport = None
+        self.sriov.unserve(k)                              # FLR
+        self.vf = None
+
+    def info(self) -> dict:
+        from netvsp import nvsp as N
+        return {"vf": self.vf, "vport": self.vport,
+                "datapath": "vf" if self.device.datapath == N.DATAPATH_VF else "synthetic"}
+
+    def detach(self):
+        if self.vf is not None and self.proc.poll() is None:
+            try:
+                self.vf_remove()
+            except Exception:
+                log.warning("%s: VF removal failed", self.port_name, exc_info=True)
+        super().detach()
+        with self.rt.switches[self.nic.switch]._dp_lock:
+            try:
+                self.sriov.eswitch.clear_filter(self.filter)
+            except ValueError:
+                pass
+
+
+NIC_PROVIDERS = {"tap": TapNic, "synthetic": SyntheticNic, "e1000": E1000VmNic,
+                 "sriov": SriovVmNic}
+NOT_YET: dict[str, str] = {}
 
 
 def check_providers(topo: Topology, nics=None) -> None:
@@ -254,6 +411,9 @@ class Runtime:
         self.vmqs: dict = {}                         # switch -> switch.vmq.Vmq
         self.vmq_workers: dict = {}                  # switch -> its queues' workers
         self.vmq_notes: dict[str, str] = {}          # switch or port -> why it has no VMQ
+        self.sriov: dict = {}                        # switch -> sriov.nic.SriovNic
+        self.vf_notes: dict[str, str] = {}           # port -> why it has no VF
+        self.pf_filters: dict[str, tuple] = {}       # port -> (switch, default-VPort filter)
 
     # ---------------------------------------------------------------- building
     def make_tap(self, ns: str, ifname: str, mac: str, ps: PortSettings) -> None:
@@ -291,7 +451,15 @@ class Runtime:
         sw = Switch(spec.name, max_ports=MAX_PORTS)
         self.switches[spec.name] = sw
         self.taps[spec.name] = sw.add_kind(TapPorts())
-        self.rings[spec.name] = sw.add_kind(PacketRingPorts())
+        if spec.uplink and spec.uplink.get("sriov"):
+            # the uplink is an SR-IOV NIC: its PF is the external port (4.1)
+            from sriov.nic import SriovNic
+            from sriov.uplink import SriovUplinkPorts
+            nic = SriovNic(spec.uplink["sriov"]["vfs"])
+            self.sriov[spec.name] = nic
+            self.rings[spec.name] = sw.add_kind(SriovUplinkPorts(nic))
+        else:
+            self.rings[spec.name] = sw.add_kind(PacketRingPorts())
         from netvsp.e1000.port import EmulatedPorts
         from netvsp.synthetic_port import SyntheticPorts
         self.synthetic[spec.name] = sw.add_kind(SyntheticPorts())
@@ -512,6 +680,33 @@ class Runtime:
             ps.mac = mac_to_int(mac)
         self.make_tap(ns, ifname, mac, ps)
         self.add_tap_port(h.switch, f"{h.namespace}.{ifname}", "internal", ns, ifname, ps)
+        self._pf_filter(h.switch, f"{h.namespace}.{ifname}", ps)
+
+    def _pf_filter(self, sw_name: str, port_name: str, ps: PortSettings) -> None:
+        """On a switch whose uplink is an SR-IOV NIC, a vNIC reached through the
+        switch has its MAC/VLAN filter on the NIC's default VPort (4.2 step 2), so
+        the NIC's embedded switch hands the PF what VFs send it."""
+        nic = self.sriov.get(sw_name)
+        if nic is None or ps.mac is None:
+            return
+        from sriov.eswitch import DEFAULT_VPORT
+        from switch.rxfilter import VLAN_ANY, VLAN_UNTAGGED_OR_ZERO
+        vp = ps.vlan
+        vlan = VLAN_UNTAGGED_OR_ZERO
+        if vp is not None and vp.mode == "access":
+            vlan = vp.access_vlan
+        elif vp is not None and vp.mode == "trunk":
+            vlan = VLAN_ANY
+        with self.switches[sw_name]._dp_lock:
+            self.pf_filters[port_name] = (sw_name, nic.eswitch.set_filter(DEFAULT_VPORT,
+                                                                           ps.mac, vlan))
+
+    def _pf_unfilter(self, port_name: str) -> None:
+        got = self.pf_filters.pop(port_name, None)
+        if got is not None:
+            sw_name, f = got
+            with self.switches[sw_name]._dp_lock:
+                self.sriov[sw_name].eswitch.clear_filter(f)
 
     def add_vm(self, vm: str, nics: list[Nic]) -> list[str]:
         check_providers(self.topo, {vm: nics})
@@ -523,6 +718,8 @@ class Runtime:
             port = prov.attach()
             provs.append(prov)
             self._vmq_nic(n, port)
+            if n.kind != "sriov":               # an sriov NIC keeps its own filter
+                self._pf_filter(n.switch, prov.port_name, n.port)
         self.topo.vms[vm] = nics
         if self.started is not None:          # added at run time: its data path runs
             for fn in self.after_start:
@@ -547,6 +744,7 @@ class Runtime:
                 self._vmq_free(sw.name, sw._port(name))
                 sw.remove_port(name)
             self.vmq_notes.pop(name, None)
+            self._pf_unfilter(name)
             del self.port_switch[name], self.port_ns[name]
             self.links_down.discard(name)
             removed.append(name)
@@ -675,6 +873,23 @@ class Runtime:
             self.links_down.add(port_name)
         return f"{port_name}: link {'up' if up else 'down'}"
 
+    def vf(self, port_name: str, action: str) -> str:
+        """Hot-remove (``remove``) or re-add (``add``) the VF of a NIC of kind sriov,
+        as live migration or host servicing does (4.3): its connections move to the
+        synthetic path and back."""
+        self._find_port(port_name)
+        prov = next((p for provs in self.nics.values() for p in provs
+                     if p.port_name == port_name), None)
+        if not isinstance(prov, SriovVmNic):
+            raise RuntimeError_(f"{port_name}: not a NIC of kind sriov; those are "
+                                f"{sorted(p.port_name for provs in self.nics.values() for p in provs if isinstance(p, SriovVmNic))}")
+        if action == "remove":
+            return prov.vf_remove()
+        if action == "add":
+            return prov.vf_add()
+        raise RuntimeError_(f"hvnet vf {port_name}: action must be add or remove, "
+                            f"not {action!r}")
+
     def capture_start(self, port_name: str, path: str) -> int:
         sw, port = self._find_port(port_name)
         cap = PortCapture(path, port.port_id, port_name)
@@ -721,6 +936,28 @@ class Runtime:
                     full = w.info()
                     for q in s["vmq"]:
                         q["full_drops"] = full.get(q["queue"], 0)
+            nic = self.sriov.get(name)
+            if nic is not None:
+                from sriov.eswitch import C_NO_FILTER, C_RX, C_SPOOF, C_TX
+                from sriov import ixgbevf_rings as R
+                es = nic.eswitch
+                s["sriov"] = {
+                    "vfs": [{"vf": k, "tx_frames": int(nic.stats[k, R.S_TX_FRAMES]),
+                             "tx_tso": int(nic.stats[k, R.S_TX_TSO]),
+                             "rx_frames": int(nic.stats[k, R.S_RX_FRAMES]),
+                             "rx_no_desc": int(nic.stats[k, R.S_RX_NO_DESC]),
+                             "tx_bad": int(nic.stats[k, R.S_TX_BAD_DMA]
+                                           + nic.stats[k, R.S_TX_BAD_OFFLOAD]),
+                             "spoofed": int(es.counters[2 + k, C_SPOOF]),
+                             "eswitch_rx": int(es.counters[2 + k, C_RX]),
+                             "eswitch_tx": int(es.counters[2 + k, C_TX])}
+                            for k in range(len(nic.vfs))],
+                    "no_filter": int(es.counters[:, C_NO_FILTER].sum()),
+                    "nics": {p.port_name: p.info() for provs in self.nics.values()
+                             for p in provs if isinstance(p, SriovVmNic)
+                             and p.nic.switch == name},
+                    "notes": {k: v for k, v in self.vf_notes.items()
+                              if self.port_switch.get(k) == name}}
             notes = {k: v for k, v in self.vmq_notes.items()
                      if k == name or self.port_switch.get(k) == name}
             if notes:

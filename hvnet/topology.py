@@ -22,6 +22,8 @@ what is wrong, and nothing is created from an invalid file)::
             dynamic: true           #     queues move between CPUs by load (default)
             workers: true           #     a thread per queue (default); false: queues are
                                     #     sorted but switched by the data-path thread
+          sriov:                    #   optional: the uplink is an SR-IOV NIC (PF, VFs and
+            vfs: 4                  #     its embedded switch); VFs for NICs of kind sriov
     vms:
       vm1:
         nics:
@@ -51,7 +53,9 @@ what is wrong, and nothing is created from an invalid file)::
 NIC kinds: ``tap`` wires the VM's tap device straight to a switch port (no guest
 driver, no VMBus: the baseline the emulated NICs are measured against);
 ``synthetic`` (NetVSC/NetVSP over VMBus), ``e1000`` and ``sriov`` are the NIC
-kinds of Hyper-V, available once their providers exist.
+kinds of Hyper-V. ``sriov`` is a synthetic NIC that also gets a VF of its
+switch's SR-IOV uplink (``uplink: {sriov: {vfs: N}}``) when one is free; its VF
+traffic bypasses the switch's extensions and port policies, as in Hyper-V.
 
 Port settings become the switch's own property objects (switch/properties.py),
 so a value the switch would refuse is refused here, with its place in the file.
@@ -70,6 +74,8 @@ from switch.properties import AclProperty, AclRule, SecurityProperty, VlanProper
 
 NIC_KINDS = ("tap", "synthetic", "e1000", "sriov")
 E1000_MAX_MTU = 1500           # 1518-byte frames without RCTL.LPE (e1000_vfio.md A.9)
+SRIOV_MAX_MTU = 9710           # the 82599 VF's 9728-byte frames, less header and tag
+MAX_VFS = 62                   # sriov.eswitch.MAX_VFS: functions in one int64 mask
 BUILTIN_EXTENSIONS = {
     "acl-filter": "examples.acl_filter:AclFilter",
     "pcap-capture": "examples.pcap_capture:PcapCapture",
@@ -309,6 +315,17 @@ def _vm(v: _V, vm, vd, switches: dict, unique_mac) -> list[Nic]:
         kind = nd["kind"]
         if kind not in NIC_KINDS:
             v.fail(f"{nw}.kind", f"{kind!r}: expected one of {list(NIC_KINDS)}")
+        if kind == "sriov":
+            sw = switches.get(nd["switch"])
+            if sw is not None and not (sw.uplink or {}).get("sriov"):
+                v.fail(f"{nw}.kind", f"an sriov NIC needs an SR-IOV uplink on switch "
+                       f"{sw.name!r} (uplink: {{sriov: {{vfs: N}}}})")
+            if ps.vlan is not None:
+                v.fail(f"{nw}.vlan", "VLANs on sriov NICs are not supported yet (the VF "
+                       "would need the PF's port VLAN insertion)")
+            if ps.mtu > SRIOV_MAX_MTU:
+                v.fail(f"{nw}.mtu", f"{ps.mtu}: a VF takes frames up to 9728 bytes, so "
+                       f"at most {SRIOV_MAX_MTU}")
         if kind == "e1000" and ps.mtu > E1000_MAX_MTU:
             v.fail(f"{nw}.mtu", f"{ps.mtu}: the e1000 driver here uses 2048-byte receive "
                    f"buffers, so at most {E1000_MAX_MTU}")
@@ -420,7 +437,14 @@ def parse(text: str, source: str = "<topology>") -> Topology:
         if "uplink" in sd:
             uplink = dict(v.mapping(sd["uplink"] or {}, f"{w}.uplink",
                                     optional=("mtu", "interface", "offloads", "tpacket",
-                                              "vmq")))
+                                              "vmq", "sriov")))
+            if "sriov" in uplink:
+                q = dict(v.mapping(uplink["sriov"], f"{w}.uplink.sriov", required=("vfs",)))
+                v.integer(q["vfs"], f"{w}.uplink.sriov.vfs", 1, MAX_VFS)
+                if "vmq" in uplink:
+                    v.fail(f"{w}.uplink.sriov", "an SR-IOV uplink here has no VMQ: "
+                           "use one of vmq and sriov")
+                uplink["sriov"] = q
             if "tpacket" in uplink:
                 v.integer(uplink["tpacket"], f"{w}.uplink.tpacket", 2, 3)
             if "mtu" in uplink:

@@ -100,6 +100,10 @@ class Netvsc:
         self.vf_alloc, self.vf_serial = False, 0
         self.vf_events: list[tuple[bool, int]] = []
         self.datapath = N.DATAPATH_SYNTHETIC
+        # once the data path runs: callbacks of the VF's events and of completions
+        self.on_vf = None                 # (allocated, serial)
+        self.on_datapath = None           # (path): the host moved it back to synthetic
+        self.waiters: dict = {}           # trans id -> callback(completion payload)
         self._desc = np.zeros(RG.DESC_FIELDS, dtype=np.int64)
         self._ranges = np.zeros((MAX_XFER_RANGES, 2), dtype=np.int64)
         self.subchannels: list[SubChannel] = []
@@ -221,7 +225,11 @@ class Netvsc:
         if pkt is None:
             return False
         if pkt.type == P.VM_PKT_COMP:
-            self._completions[pkt.trans_id] = pkt.payload
+            cb = self.waiters.pop(pkt.trans_id, None)
+            if cb is not None:
+                cb(pkt.payload)
+            else:
+                self._completions[pkt.trans_id] = pkt.payload
         elif pkt.type == P.VM_PKT_DATA_USING_XFER_PAGES:
             self._receive(pkt)
         elif pkt.type == P.VM_PKT_DATA_INBAND:
@@ -240,13 +248,15 @@ class Netvsc:
             _, m = N.decode_message(payload)
             self.vf_alloc, self.vf_serial = bool(int(m["allocated"])), int(m["serial"])
             if not self.vf_alloc:
-                self.datapath = N.DATAPATH_SYNTHETIC
+                self._to_synthetic()
             self.vf_events.append((self.vf_alloc, self.vf_serial))
+            if self.on_vf is not None:
+                self.on_vf(self.vf_alloc, self.vf_serial)
             return
         if mtype == N.MSG_SWITCH_DATA_PATH and len(payload) >= N.SWITCH_DATA_PATH.itemsize:
             _, m = N.decode_message(payload)
             if int(m["active_datapath"]) == N.DATAPATH_SYNTHETIC:
-                self.datapath = N.DATAPATH_SYNTHETIC
+                self._to_synthetic()
             return
         if mtype == N.MSG_SEND_INDIRECTION_TABLE:
             try:
@@ -332,6 +342,32 @@ class Netvsc:
                        completion=False)
         self._send(N.nvsp_ndis_version(*N.linux_ndis_version(self.version)), completion=False)
         return self.version
+
+    def _to_synthetic(self) -> None:
+        changed = self.datapath != N.DATAPATH_SYNTHETIC
+        self.datapath = N.DATAPATH_SYNTHETIC
+        if changed and self.on_datapath is not None:
+            self.on_datapath(N.DATAPATH_SYNTHETIC)
+
+    def control_ids(self) -> None:
+        """From now on the data path runs: control requests take transaction ids of
+        their own range, so the data path leaves their completions to
+        ``handle_one`` (netvsc_datapath.CTL_ID)."""
+        from .netvsc_datapath import CTL_ID
+        self._trans = max(self._trans, CTL_ID)
+
+    def request_data_path(self, path: int, done) -> None:
+        """SWITCH_DATA_PATH without waiting (the data path is running): ``done(path)``
+        once the host completed it, from the thread that handles the completion.
+        Call it only from the thread that writes the primary channel's ring."""
+        if path == N.DATAPATH_VF and not self.vf_alloc:
+            raise NetvscError("no VF is associated: the data path stays synthetic")
+        tid = self._send(N.nvsp_switch_data_path(path))
+
+        def completed(_payload):
+            self.datapath = path
+            done(path)
+        self.waiters[tid] = completed
 
     def switch_data_path(self, path: int) -> None:
         """SWITCH_DATA_PATH (h.1) as newer Linux sends it: completion requested, and

@@ -30,6 +30,7 @@ from .vmbus import ring as RG
 
 HEADROOM = 128            # RNDIS header + three PPIs (44 + 48 = 92), rounded up
 GPA_ID = 1 << 32          # transaction ids of GPA-direct frames start here
+CTL_ID = 1 << 48          # ... and the control path's (its completions are its own)
 _HDR = R.PACKET.itemsize
 _PPI = R.PPI_U32_SIZE
 
@@ -179,6 +180,8 @@ def netvsc_reclaim(mem, rbase, rds, rstate, desc, free_secs, nfree, busy, gpa_do
         if desc[RG.D_TYPE] != P.VM_PKT_COMP:
             return got
         tid = desc[RG.D_TRANS_ID]
+        if tid >= CTL_ID:
+            return got                             # a control request's: not ours
         if 1 <= tid <= busy.shape[0]:
             if busy[tid - 1]:                      # a host completing twice is ignored
                 busy[tid - 1] = 0
@@ -283,6 +286,8 @@ def netvsc_receive(mem, rbase, rds, rstate, desc, ranges, rbuf_gpa, rbuf_size,
         if rc < 0:
             return n, cursor, ncomp, rc
         if desc[RG.D_TYPE] == P.VM_PKT_COMP:
+            if desc[RG.D_TRANS_ID] >= CTL_ID:
+                return n, cursor, ncomp, RX_CONTROL     # a control request's
             return n, cursor, ncomp, RX_COMPLETION      # netvsc_reclaim's
         if desc[RG.D_TYPE] != P.VM_PKT_DATA_USING_XFER_PAGES:
             return n, cursor, ncomp, RX_CONTROL

@@ -87,7 +87,8 @@ def tap_read_slots(fd, meta, data, first, nslots, slot, headroom):
 IDLE, CONTROL, BLOCKED = 0, 1, 2
 # geo[] slots: where things are in guest RAM, and the descriptors the loop uses
 G_IN, G_IN_DS, G_OUT, G_OUT_DS, G_RECV, G_RECV_SIZE, G_SEND, G_SECTION, G_TX, G_TAP, \
-    G_SIGNAL, G_PARTS = range(12)
+    G_SIGNAL, G_PARTS, G_TAP_TX = range(13)     # G_TAP_TX 0: the tap's frames go elsewhere
+                                                # (a VF's data path), not to the host
 # st[] slots: state kept between calls. The transmit arena is two halves: one is
 # refilled from the tap while the host still reads the other's frames.
 ST_NCOMP, ST_TX_AT, ST_TX_N, ST_TX_PART, ST_SENT = 0, 1, 2, 3, 4     # ST_SENT: per part
@@ -148,7 +149,7 @@ def driver_poll(mem, geo, st, rs, desc, ranges, comp, rxstats, nvsp8, msg, free,
             return moved + progress, CONTROL
         # ---- to the host: a half of the arena is refilled once the host completed
         # every GPA-direct frame in it (gpa_done counts completions per row)
-        if st[ST_TX_AT] >= st[ST_TX_N]:
+        if st[ST_TX_AT] >= st[ST_TX_N] and geo[G_TAP_TX]:
             parts = geo[G_PARTS]
             per = TX_SLOTS // parts
             for t in range(parts):
@@ -210,8 +211,11 @@ class Driver:
         self.geo = np.array([ch.inr.base, ch.inr.datasize, ch.out.base, ch.out.datasize,
                              nic.recv_gpa, nic.recv_size, nic.send_gpa,
                              nic.send_section_size, self.tx_gpa, tapfd, ch.signal,
-                             TX_PARTS],
+                             TX_PARTS, 1],
                             dtype=np.int64)
+        self.ep = None
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.requests: list = []          # run on this thread, which owns the ring's writes
         self.st = np.zeros(NST, dtype=np.int64)
         free = np.zeros(count, dtype=np.int64)
         free[:secs.size] = secs
@@ -265,22 +269,41 @@ class Driver:
             if inr.commit_read():
                 os.eventfd_write(self.chan.signal, 1)
 
+    def tap_tx(self, on: bool) -> None:
+        """Whether this channel sends the tap's frames to the host (off while a VF
+        carries them): the loop stops reading its tap queue and stops waiting on it."""
+        self.geo[G_TAP_TX] = int(on)
+        if self.ep is not None:
+            self.ep.modify(self.tapfd, select.EPOLLIN if on else 0)
+        self.kick()
+
+    def kick(self) -> None:
+        os.eventfd_write(self.wake, 1)
+
+    def call(self, fn) -> None:
+        """Run ``fn`` on this channel's thread (writes to the host's ring are its own)."""
+        self.requests.append(fn)
+        self.kick()
+
     def run(self) -> None:
         """NAPI's shape: woken by the tap or the host's interrupt, the host's
         interrupts are masked while the driver drains both ways, then unmasked
         with a re-check (a.5.5), so a busy guest costs the host no signals."""
-        ep = select.epoll()
+        ep = self.ep = select.epoll()
         irq = self.chan.interrupt
-        ep.register(self.tapfd, select.EPOLLIN)
+        ep.register(self.tapfd, select.EPOLLIN if self.geo[G_TAP_TX] else 0)
         ep.register(irq, select.EPOLLIN)
+        ep.register(self.wake, select.EPOLLIN)
         mem, inr = self.ram.mem, self.chan.inr
         while True:
             for fd, _ in ep.poll(1.0):
-                if fd == irq:
+                if fd == irq or fd == self.wake:
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         pass
+            while self.requests:
+                self.requests.pop(0)()
             RG.ring_begin_read(mem, inr.base, inr.datasize)
             while True:
                 _, why = self.poll()
@@ -329,18 +352,34 @@ def _limit_gso(ifname: str, caps: bytes) -> None:
             ipr.link("set", index=idx[0], gso_max_size=min(size, 65536))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m netvsp.netvsc_driver")
+class Guest:
+    """A NetVSC NIC brought up in this process: the control channel to the host,
+    guest RAM, the NIC, the tap queues and one data-path Driver per channel."""
+
+    def __init__(self, ctl, ram, nic, link, ifname, tapfds, drivers, msg):
+        self.ctl, self.ram, self.nic, self.link = ctl, ram, nic, link
+        self.ifname, self.tapfds, self.drivers, self.msg = ifname, tapfds, drivers, msg
+        self.pages = nic.pages
+
+
+def parse_args(argv, prog: str):
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--ctl", type=int, required=True)
     ap.add_argument("--ifname", required=True)
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="netvsc %(levelname)s %(message)s")
+    return ap.parse_args(argv)
+
+
+def attach(a, extra_fds: int = 0) -> Guest | None:
+    """The attach message (guest RAM, the message port and ``extra_fds`` more), then
+    Linux's bring-up of the NIC, its channels and the tap; None if the host's
+    attach message is not what it must be."""
     ctl = ControlChannel(socket.socket(fileno=a.ctl))
-    got = ctl.recv(max_fds=2)
-    if got is None or got[0].get("type") != "attach" or len(got[1]) != 2:
+    got = ctl.recv(max_fds=2 + extra_fds)
+    if got is None or got[0].get("type") != "attach" or len(got[1]) != 2 + extra_fds:
         log.error("expected an attach message with guest RAM and the message port")
-        return 2
-    msg, (memfd, portfd) = got
+        return None
+    msg, fds = got
+    memfd, portfd = fds[:2]
     ram = GuestMemory(int(msg["ram"]), fd=memfd)
     client = VmbusClient(MessagePort(socket.socket(fileno=portfd)), timeout=HOST_START_S)
     client.connect()
@@ -350,6 +389,7 @@ def main(argv=None) -> int:
     link = nic.bring_up()
     # vRSS (g.1): as many channels as Linux would open, min(8, CPUs, host queues)
     nch = nic.open_subchannels(min(N.VRSS_CHANNEL_DEFAULT, len(os.sched_getaffinity(0))))
+    nic.control_ids()
     # one tap queue per channel: the guest's stack spreads its flows over them as
     # Linux's netvsc spreads them over its queues (netvsc_pick_tx)
     tapfds = [open_tap(a.ifname, multi_queue=True) for _ in range(nch)]
@@ -367,12 +407,28 @@ def main(argv=None) -> int:
         [Driver(ram, nic, tapfds[k], nic.subchannels[k - 1], shares[k]) for k in range(1, nch)]
     for d in drivers:
         d.warm()
-    ctl.send({"type": "up", "mac": link.mac.hex(), "mtu": link.mtu,
-              "connected": link.connected, "channels": nch})
-    log.info("%d channel(s)", nch)
-    for d in drivers[1:]:
+    g = Guest(ctl, ram, nic, link, a.ifname, tapfds, drivers, msg)
+    g.extra_fds = fds[2:]
+    return g
+
+
+def run(g: Guest) -> None:
+    """Report the NIC up to the host, then run every channel's data path."""
+    g.ctl.send({"type": "up", "mac": g.link.mac.hex(), "mtu": g.link.mtu,
+                "connected": g.link.connected, "channels": len(g.drivers)})
+    log.info("%d channel(s)", len(g.drivers))
+    for d in g.drivers[1:]:
         threading.Thread(target=_run_thread, args=(d,), daemon=True).start()
-    drivers[0].run()
+    g.drivers[0].run()
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv, "python -m netvsp.netvsc_driver")
+    logging.basicConfig(level=logging.INFO, format="netvsc %(levelname)s %(message)s")
+    g = attach(a)
+    if g is None:
+        return 2
+    run(g)
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from switch.rxfilter import VLAN_UNTAGGED_OR_ZERO
 
 from .eswitch import EmbeddedSwitch, EswitchError
+from . import ixgbevf_rings as R
 from .ixgbevf_rings import QREGS, QREGS_SIZE, TX_BASE, R_TAIL
 from .vfio import lib
 from .vfio_user import CommandError, UserDevice
@@ -106,7 +107,7 @@ class Ixgbevf(UserDevice):
         struct.pack_into("<HH", self.config, 0, PCI_VENDOR, PCI_DEVICE)
         self.irqs: list[int] = []
         self.irq_lock = threading.Lock()          # the data path rings, the server sets
-        self.txs = np.zeros(2, np.int64)          # a frame being gathered (the engine's)
+        self.txs = np.zeros(R.NTXS, np.int64)     # a frame being gathered, offload context
         self.stats = {"bad_access": 0, "nacked": 0, "messages": 0, "irq_lost": 0}
         self.api = API_10
         self._reset_state()

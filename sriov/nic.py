@@ -16,6 +16,7 @@ while it stands: the server's DMA lock is held around each use.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 
 import numpy as np
@@ -54,6 +55,22 @@ class SriovNic:
         t.start()
         self.threads[k] = t
         return t
+
+    def unserve(self, k: int, timeout: float = 5.0) -> None:
+        """VF ``k`` taken from its client (surprise removal if it did not let go):
+        the data path stops using it first, then the connection is cut, its DMA
+        mappings and interrupt fds dropped, and the VF reset (FLR), as 4.3 orders it."""
+        srv, t = self.servers[k], self.threads[k]
+        self.servers[k] = None
+        self.threads[k] = None
+        if srv is not None:
+            try:
+                srv.conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if t is not None:
+                t.join(timeout)
+        self.vfs[k].reset()
 
     def doorbells(self) -> list[int]:
         return [vf.doorbell for vf in self.vfs]

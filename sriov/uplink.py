@@ -21,8 +21,9 @@ import os
 import numpy as np
 
 from switch.afpacket import PacketRingPorts, ring_transmit
-from switch.batch import (ALIGN, F_VLAN, FLAGS, LEN, NFIELDS, OFF, ROW_PAD, TCI, PacketBatch,
-                          copy_bytes, init_packet)
+from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_CSUM_VALID, F_VLAN,
+                          FLAGS, GSO_SIZE, GSO_TYPE, LEN, NFIELDS, OFF, ROW_PAD, TCI,
+                          PacketBatch, copy_bytes, init_packet)
 from switch.kernel import kernel
 
 from .eswitch import PF
@@ -45,8 +46,9 @@ def keep_marked(meta, n, dest, bit):
 @kernel
 def append_frames(meta, data, n, cursor, src_meta, src_data, idx, port_id):
     """Copy frames ``idx`` of another batch behind ``n`` frames, received as
-    ``port_id``'s, each with the 802.1Q tag it carried out of band. Returns (n,
-    cursor); stops where the batch is full."""
+    ``port_id``'s, each with the 802.1Q tag it carried out of band and its
+    pending offloads (partial checksum, segmentation). Returns (n, cursor); stops
+    where the batch is full."""
     cap = meta.shape[1] - ROW_PAD
     for j in range(idx.shape[0]):
         i = idx[j]
@@ -57,9 +59,15 @@ def append_frames(meta, data, n, cursor, src_meta, src_data, idx, port_id):
             break
         copy_bytes(data, cursor, src_data, off, ln)
         init_packet(meta, n, cursor, ln, port_id, 0)
-        if src_meta[FLAGS, i] & F_VLAN:
+        fl = src_meta[FLAGS, i]
+        if fl & F_VLAN:
             meta[FLAGS, n] |= F_VLAN
             meta[TCI, n] = src_meta[TCI, i]
+        meta[FLAGS, n] |= fl & (F_CSUM_PARTIAL | F_CSUM_VALID)
+        meta[CSUM_START, n] = src_meta[CSUM_START, i]
+        meta[CSUM_OFF, n] = src_meta[CSUM_OFF, i]
+        meta[GSO_TYPE, n] = src_meta[GSO_TYPE, i]
+        meta[GSO_SIZE, n] = src_meta[GSO_SIZE, i]
         cursor = (cursor + ln + ALIGN - 1) & ~(ALIGN - 1)
         n += 1
     return n, cursor

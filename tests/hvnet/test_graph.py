@@ -28,14 +28,13 @@ def big_topology(per_switch: int = 8):
             nics = [f"{{switch: sw{s}, kind: synthetic, mac: '02:00:00:00:{s:02x}:{i:02x}', "
                     f"addresses: [10.{s}.{i}.1/24], vlan: {vlan}}}"]
             if s == 0 and i == 1:
-                nics.append("{switch: sw1, kind: sriov, mac: '02:00:00:01:00:99', "
-                            "vlan: {mode: access, id: 30}}")
+                nics.append("{switch: sw1, kind: sriov, mac: '02:00:00:01:00:99'}")
             vms.append(f"  vm{s}x{i}:\n    nics:\n" + "".join(f"      - {n}\n" for n in nics))
     text = (
         "name: big\n"
         "switches:\n"
         "  sw0: {extensions: [{type: acl-filter}, {type: pcap-capture}], uplink: {mtu: 9000}}\n"
-        "  sw1: {uplink: {}}\n"
+        "  sw1: {uplink: {sriov: {vfs: 2}}}\n"
         "vms:\n" + "".join(vms) +
         "host:\n"
         "  - {switch: sw0, namespace: hosta, addresses: [10.0.0.1/24]}\n"

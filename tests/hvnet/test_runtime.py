@@ -288,9 +288,10 @@ BAD = {
     "VLAN out of range": (TOPO.replace("id: 10}", "id: 4095}", 1),
                           "vms.vm1.nics[0].vlan.id"),
     "not YAML": ("name: [unclosed\n", "not valid YAML"),
-    "NIC kind not built": (TOPO.replace("kind: tap, mac: \"02:00:00:88:00:02\"",
-                                        "kind: sriov, mac: \"02:00:00:88:00:02\""),
-                           "vms.vm2.nics[0].kind: 'sriov'"),
+    "sriov NIC without an SR-IOV uplink": (
+        TOPO.replace("kind: tap, mac: \"02:00:00:88:00:02\"",
+                     "kind: sriov, mac: \"02:00:00:88:00:02\""),
+        "vms.vm2.nics[0].kind: an sriov NIC needs an SR-IOV uplink"),
     "extension that cannot start": (TOPO.replace("    uplink: {mtu: 1500}",
                                                  "    uplink: {mtu: 1500}\n    extensions:\n"
                                                  "      - {type: acl-filter, args: {bogus: 1}}"),

@@ -31,7 +31,7 @@ class Rig:
         self.icr = np.zeros(1, np.int64)
         self.nd = ndesc
         self.stats = np.zeros(R.NSTATS, np.int64)
-        self.txs = np.zeros(2, np.int64)
+        self.txs = np.zeros(R.NTXS, np.int64)
         for base, ring in ((R.TX_BASE, TXRING), (R.RX_BASE, RXRING)):
             self.set(base + R.R_BAL, (IOVA + ring) & 0xFFFFFFFF)
             self.set(base + R.R_BAH, (IOVA + ring) >> 32)
@@ -190,7 +190,7 @@ def test_random_rings_and_registers_never_reach_outside_memory():
                     struct.pack("<QI", addr & (2**64 - 1), ctl), np.uint8)
         b = PacketBatch(64, 1 << 18)
         stats = np.zeros(R.NSTATS, np.int64)
-        n, cur, _ = R.vf_transmit(mem, IOVA, RAM, regs, icr, np.zeros(2, np.int64), b.meta,
+        n, cur, _ = R.vf_transmit(mem, IOVA, RAM, regs, icr, np.zeros(R.NTXS, np.int64), b.meta,
                                   b.data, 0, 0, 1, stats)
         assert 0 <= n <= 64 and cur <= b.data.shape[0]
         b.n = n

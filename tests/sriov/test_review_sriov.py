@@ -374,7 +374,7 @@ def test_a_frame_gathered_across_calls_is_the_frame_the_guest_wrote():
     _txd(mem, 0, IOVA + BUFS, a, R.TXD_CMD_EOP)
     _txd(mem, 1, IOVA + BUFS + 0x800, b_[:150], 0)
     regs[(R.TX_BASE + R.R_TAIL) // 4] = 2
-    txs, st, batch = np.zeros(2, np.int64), np.zeros(R.NSTATS, np.int64), PacketBatch(8, 1 << 16)
+    txs, st, batch = np.zeros(R.NTXS, np.int64), np.zeros(R.NSTATS, np.int64), PacketBatch(8, 1 << 16)
 
     def run():
         batch.reset()

@@ -650,9 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "e2e: 3, or 1 with --quick)")
     s.add_argument("--paths", help="(switch) comma-separated: veth, bridge, tap-tap, "
                    "synthetic, e1000-synthetic, synthetic-e1000, internal-uplink, "
-                   "internal-uplink-v3, vmq (default: veth, bridge, tap-tap, synthetic, "
-                   "internal-uplink); (e2e) the hvnet paths: internal-uplink, synthetic, "
-                   "e1000-synthetic, vmq, tap-tap (default: all but tap-tap)")
+                   "internal-uplink-v3, vmq, sriov (default: veth, bridge, tap-tap, "
+                   "synthetic, internal-uplink); (e2e) the hvnet paths: internal-uplink, "
+                   "synthetic, e1000-synthetic, vmq, sriov, tap-tap (default: all but "
+                   "tap-tap)")
     s.add_argument("--peers", help="(e2e) comma-separated: veth, bridge, ovs-afpacket, "
                    "ovs-afxdp (default: all; an empty list for none)")
     s.add_argument("--quick", action="store_true",

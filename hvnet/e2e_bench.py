@@ -30,8 +30,9 @@ HVNET = {"internal-uplink": switch_bench.PATHS["internal-uplink"],
          "synthetic": switch_bench.PATHS["synthetic"],
          "e1000-synthetic": switch_bench.PATHS["e1000-synthetic"],
          "vmq": switch_bench.PATHS["vmq"],
+         "sriov": switch_bench.PATHS["sriov"],
          "tap-tap": switch_bench.PATHS["tap-tap"]}
-DEFAULT_HVNET = ("internal-uplink", "synthetic", "e1000-synthetic", "vmq")
+DEFAULT_HVNET = ("internal-uplink", "synthetic", "e1000-synthetic", "vmq", "sriov")
 SIZES = (64, 512, 1518)
 LOADS = (10, 50, 90)
 

@@ -76,6 +76,13 @@ vms:
 physical:
   a: {{switch: sw0, mac: "{a_mac}", addresses: [{a_ip}/24]}}
 """,
+    "sriov": """
+name: {name}
+switches: {{sw0: {{uplink: {{mtu: 1500, sriov: {{vfs: 2}}}}}}}}
+vms:
+  a: {{nics: [{{switch: sw0, kind: sriov, mac: "{a_mac}", addresses: [{a_ip}/24]}}]}}
+  b: {{nics: [{{switch: sw0, kind: sriov, mac: "{b_mac}", addresses: [{b_ip}/24]}}]}}
+""",
     "internal-uplink-v3": """
 name: {name}
 switches: {{sw0: {{uplink: {{mtu: 1500, tpacket: 3}}}}}}
@@ -89,6 +96,21 @@ physical:
 def _hvnet(env, *args, timeout=120):
     return subprocess.run([sys.executable, "-m", "hvnet.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def _wait_vf(env, name: str, seconds: float = 30.0) -> None:
+    """Until both sriov NICs run on their VFs (the guest asks once its VF is up)."""
+    import json
+    import time
+    deadline = time.monotonic() + seconds
+    while True:
+        r = _hvnet(env, "stats", "--json")
+        nics = json.loads(r.stdout)["sw0"]["sriov"]["nics"] if r.returncode == 0 else {}
+        if nics and all(v["datapath"] == "vf" for v in nics.values()):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"hvnet up (sriov): the VMs are not on their VFs: {nics}")
+        time.sleep(0.2)
 
 
 def _path(kind: str):
@@ -105,6 +127,8 @@ def _path(kind: str):
             if r.returncode != 0:
                 raise RuntimeError(f"hvnet up ({kind}): {r.stderr.strip()}")
             try:
+                if kind == "sriov":
+                    _wait_vf(env, name)
                 e2e._wait_reachable(f"{name}-a", e2e.B_IP)
                 yield e2e.Path(f"hvnet {kind}", f"{name}-a", f"{name}-b", e2e.B_IP)
             finally:

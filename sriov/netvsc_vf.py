@@ -36,7 +36,7 @@ import time
 from netvsp import netvsc_driver as ND
 from netvsp import nvsp as N
 
-from .vf_driver import TAP_BUF, TX_FULL, VfDriver
+from .vf_driver import TAP_BUF, TAP_DESC, TX_FULL, VfDriver
 from .vfio_user import Client
 
 log = logging.getLogger("hvnet.netvsc_vf")
@@ -124,7 +124,7 @@ class Failover:
         client = Client(socket.socket(fileno=fd), timeout=30)
         try:
             client.version()
-            drv = VfDriver(client, self.g.ram, self.g.pages, rx_buf=TAP_BUF)
+            drv = VfDriver(client, self.g.ram, self.g.pages, rx_buf=TAP_BUF, ndesc=TAP_DESC)
             mac = drv.bring_up(own_mac=self.g.link.mac)
         except Exception as e:               # a VF that does not come up is not used
             log.warning("the VF did not come up: %s", e)

@@ -47,6 +47,8 @@ S_TX_USE, S_TX_CLEAN, S_RX_CLEAN, S_SLOT_HEAD, S_SLOT_N, S_NEXT_FD = range(6)
 NST = 6
 # the tap path
 TAP_BUF = 16384                    # receive buffers: a 64 KiB super-packet in 5
+TAP_DESC = 1024                    # ~200 super-packets in flight each way: fewer drops
+                                   # (and TCP retransmits) while the guest catches up
 TX_ARENA_SLOTS = 64
 VNET = 10                          # virtio_net_hdr before each frame read from the tap
 HEADROOM = 64
@@ -317,10 +319,13 @@ class VfDriver:
     ``vfio_user.Client``), ``ram`` the guest's memory (a GuestMemory), ``pages`` the
     guest's page allocator."""
 
-    def __init__(self, dev, ram, pages, rx_buf: int = BUF):
+    def __init__(self, dev, ram, pages, rx_buf: int = BUF, ndesc: int = NDESC):
         if rx_buf % 1024 or not 1024 <= rx_buf <= 16384:
             raise ValueError(f"receive buffers of {rx_buf} bytes: 1-16 KiB in whole KiB")
+        if ndesc % 8 or not 8 <= ndesc <= 65536:
+            raise ValueError(f"{ndesc} descriptors: a multiple of 8 up to 65536")
         self.dev, self.ram, self.pages, self.rx_buf = dev, ram, pages, rx_buf
+        self.nd = ndesc
         self.mb = X.Mailbox(dev)
         self.st = np.zeros(NST, np.int64)
         self.stats = np.zeros(NV, np.int64)
@@ -358,25 +363,25 @@ class VfDriver:
             if off == R.QREGS + R.TX_BASE + R.R_TAIL:
                 self.doorbell = fd
         mem = self.ram.mem
-        self.rx_ring = self.pages.alloc(NDESC * 16)
-        self.tx_ring = self.pages.alloc(NDESC * 16)
-        self.rx_bufs = self.pages.alloc(NDESC * self.rx_buf)
-        self.tx_slots = self.pages.alloc(NDESC * SLOT)
-        for k in range(NDESC):                         # every buffer to the device
+        self.rx_ring = self.pages.alloc(self.nd * 16)
+        self.tx_ring = self.pages.alloc(self.nd * 16)
+        self.rx_bufs = self.pages.alloc(self.nd * self.rx_buf)
+        self.tx_slots = self.pages.alloc(self.nd * SLOT)
+        for k in range(self.nd):                         # every buffer to the device
             d = self.rx_ring + 16 * k
             mem[d:d + 16] = np.frombuffer(struct.pack("<QQ", self.rx_bufs + k * self.rx_buf,
                                                       0), np.uint8)
-        mem[self.tx_ring:self.tx_ring + NDESC * 16] = 0
+        mem[self.tx_ring:self.tx_ring + self.nd * 16] = 0
         q = self.q
         for base, ring in ((R.RX_BASE, self.rx_ring), (R.TX_BASE, self.tx_ring)):
             q[(base + R.R_BAL) >> 2] = ring & 0xFFFFFFFF
             q[(base + R.R_BAH) >> 2] = ring >> 32
-            q[(base + R.R_LEN) >> 2] = NDESC * 16
+            q[(base + R.R_LEN) >> 2] = self.nd * 16
             q[(base + R.R_HEAD) >> 2] = 0
             q[(base + R.R_TAIL) >> 2] = 0
         q[(R.RX_BASE + R.R_SRRCTL) >> 2] = (self.rx_buf // 1024) | R.SRRCTL_DROP_EN
         q[(R.RX_BASE + R.R_DCTL) >> 2] = R.DCTL_ENABLE
-        q[(R.RX_BASE + R.R_TAIL) >> 2] = NDESC - 1     # one kept back, as ixgbevf
+        q[(R.RX_BASE + R.R_TAIL) >> 2] = self.nd - 1     # one kept back, as ixgbevf
         q[(R.TX_BASE + R.R_DCTL) >> 2] = R.DCTL_ENABLE
         dev.set_irq_eventfds(lib.VFIO_PCI_MSIX_IRQ_INDEX, [self.irq])
         self._wr(X.VTEIMS, 1)
@@ -385,7 +390,7 @@ class VfDriver:
         return mac
 
     def send(self, batch) -> int:
-        n = guest_tx(self.ram.mem, self.q, self.tx_ring, NDESC, self.st, self.tx_slots,
+        n = guest_tx(self.ram.mem, self.q, self.tx_ring, self.nd, self.st, self.tx_slots,
                      batch.meta, batch.data, batch.n)
         if n and self.doorbell >= 0:
             os.eventfd_write(self.doorbell, 1)
@@ -395,7 +400,7 @@ class VfDriver:
         if self.rx_buf != BUF:
             raise ValueError("the batch API takes 2 KiB receive buffers")
         batch.reset()
-        batch.n = guest_rx(self.ram.mem, self.q, self.rx_ring, NDESC, self.st, self.rx_bufs,
+        batch.n = guest_rx(self.ram.mem, self.q, self.rx_ring, self.nd, self.st, self.rx_bufs,
                            batch.meta, batch.data, src_port)
         return batch.n
 
@@ -413,11 +418,11 @@ class VfDriver:
         """Received frames to the tap, then (``transmit``) the tap's frames to the VF:
         (received, sent, TX_IDLE or TX_FULL)."""
         mem = self.ram.mem
-        got = rx_tap(mem, self.q, self.rx_ring, NDESC, self.st, self.rx_bufs, self.rx_buf,
+        got = rx_tap(mem, self.q, self.rx_ring, self.nd, self.st, self.rx_bufs, self.rx_buf,
                      int(self.tapfds[0]), *self.scratch, self.stats)
         if not transmit:
             return got, 0, TX_IDLE
-        sent, why = tap_tx(mem, self.q, self.tx_ring, NDESC, self.st, self.eops, self.arena,
+        sent, why = tap_tx(mem, self.q, self.tx_ring, self.nd, self.st, self.eops, self.arena,
                            self.tapfds, self.doorbell, self.one, self.stats)
         return got, sent, why
 

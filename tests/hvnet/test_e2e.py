@@ -157,7 +157,7 @@ def test_generator_tests_report_zero_loss_and_latency_as_markdown_and_plots(
 
 
 @pytest.mark.parametrize("args,msg", [(["--peers", "veth,nope"], "unknown peer nope"),
-                                      (["--paths", "sriov"], "unknown path sriov"),
+                                      (["--paths", "sriov9"], "unknown path sriov9"),
                                       (["--peers", "", "--paths", ""], "nothing to measure")])
 def test_bench_e2e_refuses_what_it_cannot_measure(args, msg, tmp_path):
     import subprocess

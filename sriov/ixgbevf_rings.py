@@ -24,7 +24,10 @@ Linux's ixgbe_type.h, union ixgbe_adv_rx_desc / ixgbe_adv_tx_desc).
   dropped and counted (SRRCTL.DROP_EN is the only mode here). Super-packets
   arrive whole, spread over as many buffers as they need, as the 82599's RSC
   delivers a coalesced frame (a real VF takes at most 9728-byte frames; Linux's
-  ixgbevf never enables RSC, this project's VF driver takes them).
+  ixgbevf never enables RSC, this project's VF driver takes them). L4CS on a
+  frame whose checksum is still partial means "the sender's offload owns it":
+  the VF driver hands it to the stack as NEEDS_CSUM, so a forwarding guest
+  finishes it; a stock ixgbevf would take it as verified.
 
 The guest is hostile: a ring whose length, position or head/tail make no sense is
 not run (counted, until the driver fixes it); a buffer outside the mapping drops
@@ -130,6 +133,8 @@ def _offload(meta, data, i, txs, stats):
     if opts & OPT_TSE:
         if not tcp or l4len < 20 or l4 + l4len >= size or mss < 1:
             return False
+        if size - l3 - (0 if v4 else 40) > 0xFFFF:
+            return False                             # its IP length would not fit
         # what the hardware writes into every segment, written once into the whole
         if v4:
             put_be16(data, f + l3 + 2, size - l3)

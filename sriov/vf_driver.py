@@ -54,7 +54,7 @@ VNET = 10                          # virtio_net_hdr before each frame read from 
 HEADROOM = 64
 TAP_SLOT = 65536 + 2 * HEADROOM    # a super-packet and its virtio header
 MAX_PER_DESC = 16384               # IXGBE_MAX_DATA_PER_TXD
-DESC_PER_FRAME = 1 + (65536 + MAX_PER_DESC - 1) // MAX_PER_DESC
+DESC_PER_FRAME = 1 + (TAP_SLOT - HEADROOM + MAX_PER_DESC - 1) // MAX_PER_DESC  # context + data
 GSO_TCPV4, GSO_TCPV6 = 1, 4        # virtio_net_hdr gso types
 # tap_tx's answers
 TX_IDLE, TX_FULL = 0, 1

@@ -226,10 +226,12 @@ class SriovVmNic(SyntheticNic):
     the VF goes to the VM (``pci_add`` with a vfio-user socket), then the VF
     association (NVSP 128). The data path moves when the guest asks
     (SWITCH_DATA_PATH, 129): the vNIC's filter moves between the default VPort
-    and the VF's. Removal: the data path back to synthetic and the filter back
-    (NetVSP's withdraw_vf), the guest asked to let go (``pci_eject``, a surprise
-    removal after EJECT_S), then the VPort deleted and the VF reset and freed."""
+    and the VF's. Removal: the guest asked to let the VF go (``pci_eject``: it
+    switches back to synthetic, the filter follows), a surprise removal after
+    EJECT_S (NetVSP's withdraw_vf moves data path and filter back itself), the
+    association withdrawn, then the VPort deleted and the VF reset and freed."""
     DRIVER, WHAT = "sriov.netvsc_vf", "NetVSC+VF"
+    RAM = 160 << 20          # a synthetic NIC's, and the VF's rings and buffers
     EJECT_S = 5.0
     ADD_S = 120.0            # the guest's VF driver may compile its loops first
 
@@ -331,10 +333,12 @@ class SriovVmNic(SyntheticNic):
             if self.vf is None:
                 return f"{self.port_name}: no VF to remove"
             k, sw = self.vf, self.rt.switches[self.nic.switch]
-            with sw._dp_lock:
-                self.device.withdraw_vf()        # data path and filter back first
+            # 4.3: the guest lets the VF go first (it switches its data path back,
+            # and the filter follows); on a timeout it is taken (surprise removal)
             self.ctl.send({"type": "pci_eject"})
             ejected = self._reply("pci_ejected", self.EJECT_S) is not None
+            with sw._dp_lock:
+                self.device.withdraw_vf()        # data path and filter back, if not yet
             self._free(k, sw)
             return (f"{self.port_name}: VF {k} removed" +
                     ("" if ejected else " (surprise removal: the guest did not answer)"))

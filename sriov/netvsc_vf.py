@@ -16,10 +16,13 @@ completed it:
 - receive: from both, always: frames the host still sends on the synthetic
   path (from VMs without a VF, broadcasts) and the VF's.
 
-The host takes the VF away with SWITCH_DATA_PATH back to synthetic (or the
-association withdrawn) and then ``pci_eject``: transmit returns to the synthetic
-channels at once, the VF's loop finishes what it posted and stops, the device is
-closed, and ``pci_ejected`` answers. Connections live on: the tap never changed.
+The host takes the VF away with ``pci_eject`` (4.3's graceful removal):
+transmit returns to the synthetic channels at once, the VF finishes what it was
+given, the data path is switched back to synthetic (the host moves the filter
+before completing), what the VF still received goes to the tap, the device is
+closed, and ``pci_ejected`` answers. A host that forces the path back
+(SWITCH_DATA_PATH from the host, or the association withdrawn) moves transmit
+back the same way. Connections live on: the tap never changed.
 
     python -m sriov.netvsc_vf --ctl FD --ifname eth0
 """
@@ -33,14 +36,16 @@ import sys
 import threading
 import time
 
+from hypervisor.partition import GuestPages
 from netvsp import netvsc_driver as ND
 from netvsp import nvsp as N
 
-from .vf_driver import TAP_BUF, TAP_DESC, TX_FULL, VfDriver
+from .vf_driver import TAP_BUF, TAP_DESC, TX_FULL, VfDriver, tap_footprint
 from .vfio_user import Client
 
 log = logging.getLogger("hvnet.netvsc_vf")
 DRAIN_S = 0.2            # how long a going VF may take to finish what it posted
+SWITCH_S = 2.0           # how long the host may take to complete SWITCH_DATA_PATH
 
 
 class Failover:
@@ -56,6 +61,10 @@ class Failover:
         self.stop = False
         self.thread: threading.Thread | None = None
         self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # the VF's rings and buffers: set aside once, the same pages for every VF the
+        # host hands this VM (a bump allocator would run out after a few re-adds)
+        self.area_size = tap_footprint()
+        self.area = g.pages.alloc(self.area_size)
         g.nic.on_vf = self._on_vf
         g.nic.on_datapath = lambda path: self._tx_via_vf(False)
 
@@ -105,12 +114,19 @@ class Failover:
             msg, fds = got
             kind = msg.get("type")
             if kind == "pci_add" and len(fds) == 1:
-                ok, why = self._add(int(msg.get("serial", -1)), fds[0])
+                try:
+                    ok, why = self._add(int(msg.get("serial", -1)), fds[0])
+                except Exception as e:       # this thread must live: the next add may work
+                    log.exception("adding the VF failed")
+                    ok, why = False, f"adding the VF failed: {e}"
                 ctl.send({"type": "pci_added", "ok": ok, "why": why})
             elif kind == "pci_eject":
                 for fd in fds:
                     os.close(fd)
-                self._remove()
+                try:
+                    self._remove()
+                except Exception:
+                    log.exception("removing the VF failed")
                 ctl.send({"type": "pci_ejected"})
             else:
                 for fd in fds:
@@ -122,12 +138,16 @@ class Failover:
             os.close(fd)
             return False, "a VF is already here"
         client = Client(socket.socket(fileno=fd), timeout=30)
+        pages = GuestPages(self.area + self.area_size, start=self.area)
+        drv = None
         try:
             client.version()
-            drv = VfDriver(client, self.g.ram, self.g.pages, rx_buf=TAP_BUF, ndesc=TAP_DESC)
+            drv = VfDriver(client, self.g.ram, pages, rx_buf=TAP_BUF, ndesc=TAP_DESC)
             mac = drv.bring_up(own_mac=self.g.link.mac)
         except Exception as e:               # a VF that does not come up is not used
             log.warning("the VF did not come up: %s", e)
+            if drv is not None:
+                drv.close()
             client.close()
             return False, f"the VF did not come up: {e}"
         if mac != self.g.link.mac:
@@ -146,15 +166,25 @@ class Failover:
         return True, ""
 
     def _remove(self) -> None:
-        """The VF goes: transmit back to synthetic first, then what the VF was given
-        is finished (or given up after DRAIN_S), then the device is closed."""
+        """The host asks for the VF back (4.3's graceful removal), as Linux's netvsc
+        lets a VF go: transmit back to the synthetic channels, what the VF was
+        given finished (or given up after DRAIN_S), the data path switched to
+        synthetic (the host moves the filter back before it completes), what the
+        VF still received handed to the tap, then the device closed."""
         self._tx_via_vf(False)
         drv = self.vf
         if drv is None:
             return
         deadline = time.monotonic() + DRAIN_S
         while drv.tx_pending() and time.monotonic() < deadline:
-            time.sleep(0.005)
+            time.sleep(0.002)
+        nic = self.g.nic
+        if nic.datapath == N.DATAPATH_VF:
+            done = threading.Event()
+            self.g.drivers[0].call(
+                lambda: nic.request_data_path(N.DATAPATH_SYNTHETIC, lambda p: done.set()))
+            if not done.wait(SWITCH_S):
+                log.warning("the host did not complete the switch to synthetic")
         self.stop = True
         os.eventfd_write(self.wake, 1)
         if self.thread is not None:
@@ -164,10 +194,6 @@ class Failover:
         self.client.close()
         self.client = None
         log.info("VF removed")
-        nic = self.g.nic
-        if nic.datapath == N.DATAPATH_VF:    # the host did not move it back: we do
-            self.g.drivers[0].call(
-                lambda: nic.request_data_path(N.DATAPATH_SYNTHETIC, lambda p: None))
 
     # ---- the VF's own thread ---------------------------------------------------------
     def _loop(self, drv: VfDriver) -> None:
@@ -205,6 +231,7 @@ class Failover:
                     select.select([drv.irq], [], [], 0.001)
                     continue
                 break
+        drv.tap_io(False)                    # what arrived last still reaches the stack
         ep.close()
 
 

@@ -56,6 +56,16 @@ TAP_SLOT = 65536 + 2 * HEADROOM    # a super-packet and its virtio header
 MAX_PER_DESC = 16384               # IXGBE_MAX_DATA_PER_TXD
 DESC_PER_FRAME = 1 + (TAP_SLOT - HEADROOM + MAX_PER_DESC - 1) // MAX_PER_DESC  # context + data
 GSO_TCPV4, GSO_TCPV6 = 1, 4        # virtio_net_hdr gso types
+
+def tap_footprint(ndesc: int = TAP_DESC, rx_buf: int = TAP_BUF) -> int:
+    """Guest RAM one VfDriver in tap mode takes: both rings, the receive buffers and
+    the transmit arena (page-rounded), so a guest can set it aside once and give
+    every VF it is handed the same pages."""
+    def pg(n):
+        return -(-n // 4096) * 4096
+    return 2 * pg(ndesc * 16) + pg(ndesc * rx_buf) + pg(TX_ARENA_SLOTS * TAP_SLOT)
+
+
 # tap_tx's answers
 TX_IDLE, TX_FULL = 0, 1
 # the tap path's counters
@@ -366,7 +376,7 @@ class VfDriver:
         self.rx_ring = self.pages.alloc(self.nd * 16)
         self.tx_ring = self.pages.alloc(self.nd * 16)
         self.rx_bufs = self.pages.alloc(self.nd * self.rx_buf)
-        self.tx_slots = self.pages.alloc(self.nd * SLOT)
+        self.tx_slots = -1                             # the batch API's, on first use
         for k in range(self.nd):                         # every buffer to the device
             d = self.rx_ring + 16 * k
             mem[d:d + 16] = np.frombuffer(struct.pack("<QQ", self.rx_bufs + k * self.rx_buf,
@@ -390,6 +400,8 @@ class VfDriver:
         return mac
 
     def send(self, batch) -> int:
+        if self.tx_slots < 0:
+            self.tx_slots = self.pages.alloc(self.nd * SLOT)
         n = guest_tx(self.ram.mem, self.q, self.tx_ring, self.nd, self.st, self.tx_slots,
                      batch.meta, batch.data, batch.n)
         if n and self.doorbell >= 0:
@@ -432,6 +444,7 @@ class VfDriver:
 
     def close(self) -> None:
         self.q = None
+        self.qmap = None
         os.close(self.irq)
         if self.doorbell >= 0:
             os.close(self.doorbell)

@@ -560,7 +560,10 @@ class Client:
 
     def close(self) -> None:
         for m in self.maps:
-            m.close()
+            try:
+                m.close()
+            except BufferError:               # a view of it still open: freed with it
+                pass
         self.maps.clear()
         for fd in self.region_fds.values():
             os.close(fd)

@@ -115,4 +115,5 @@ def test_chaos_command_and_bad_requests(iov):
     assert r.returncode != 0 and "no port 'nothere.eth0'" in r.stderr, r.stderr
     r = hvnet(env, "vf", "va.eth0", "chaos", "--times", "0")
     assert r.returncode != 0 and "--times" in r.stderr, r.stderr
-    assert "already assigned" in hvnet(env, "vf", "va.eth0", "add", check=True).stdout
+    assert "already assigned" in hvnet(env, "vf", "va.eth0", "add", check=True,
+                                       timeout=200).stdout

@@ -21,3 +21,6 @@ writev = types.ExternalFunction("writev", types.intp(types.int32, types.voidptr,
 clock_gettime = types.ExternalFunction("clock_gettime", types.int32(types.int32, types.voidptr))
 clock_nanosleep = types.ExternalFunction("clock_nanosleep", types.int32(
     types.int32, types.int32, types.voidptr, types.voidptr))
+# poll(struct pollfd *, nfds, timeout): ``fds`` is the address of an int32 array of
+# (fd, events | revents << 16) pairs (struct pollfd on a little-endian machine).
+poll = types.ExternalFunction("poll", types.int32(types.voidptr, types.uint64, types.int32))

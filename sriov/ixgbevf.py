@@ -108,17 +108,8 @@ class Ixgbevf(UserDevice):
         # doorbells), so they are a memfd of their own: the trapped registers are
         # never in memory the guest holds. The file starts at BAR0's offset 0 so the
         # pages sit at their BAR offsets; the first page of it is unused.
-        self.qfd = os.memfd_create(f"ixgbevf{vf}-qregs",
-                                   os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
-        os.ftruncate(self.qfd, QREGS + QREGS_SIZE)
-        # The guest gets this fd: sealed, so it cannot shrink the file under our
-        # mapping (a SIGBUS in the host) or grow it.
-        fcntl.fcntl(self.qfd, fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-        self._qmap = mmap.mmap(self.qfd, QREGS + QREGS_SIZE)
-        self.q = np.frombuffer(self._qmap, np.uint32)[QREGS // 4:]
+        self._queue_pages()
         self.icr = np.zeros(1, np.int64)                         # VTEICR, for the engines
-        self.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.config = bytearray(256)
         struct.pack_into("<HH", self.config, 0, PCI_VENDOR, PCI_DEVICE)
         self.irqs: list[int] = []
@@ -144,6 +135,35 @@ class Ixgbevf(UserDevice):
 
     def reset(self) -> None:
         self._reset_state()
+
+    def _queue_pages(self) -> None:
+        """New queue-register pages and TDT doorbell (what the guest maps and holds)."""
+        self.qfd = os.memfd_create(f"ixgbevf{self.vf}-qregs",
+                                   os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        os.ftruncate(self.qfd, QREGS + QREGS_SIZE)
+        # The guest gets this fd: sealed, so it cannot shrink the file under our
+        # mapping (a SIGBUS in the host) or grow it.
+        fcntl.fcntl(self.qfd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        self._qmap = mmap.mmap(self.qfd, QREGS + QREGS_SIZE)
+        self.q = np.frombuffer(self._qmap, np.uint32)[QREGS // 4:]
+        self.doorbell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def renew(self) -> None:
+        """Reset for a new owner (the VF freed, maybe assigned to another VM next):
+        new queue-register pages and doorbell, so whoever held the old ones (a
+        guest may keep a mapping or a copy of the fd past its removal) writes only
+        to memory no engine reads any more."""
+        old = self._qmap, self.qfd, self.doorbell
+        self._queue_pages()
+        self._reset_state()
+        qmap, qfd, bell = old
+        try:
+            qmap.close()
+        except BufferError:                      # an engine's view: freed with it
+            pass
+        os.close(qfd)
+        os.close(bell)
 
     # ---- vfio-user device ----------------------------------------------------------------
     def info(self):

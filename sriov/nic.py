@@ -82,7 +82,8 @@ class SriovNic:
     def unserve(self, k: int, timeout: float = 5.0) -> None:
         """VF ``k`` taken from its client (surprise removal if it did not let go):
         the data path stops using it first, then the connection is cut, its DMA
-        mappings and interrupt fds dropped, and the VF reset (FLR), as 4.3 orders it."""
+        mappings and interrupt fds dropped, and the VF reset (FLR), as 4.3 orders it,
+        with new queue-register pages: the VF may go to another VM next."""
         srv, t = self.servers[k], self.threads[k]
         self.servers[k] = None
         self.threads[k] = None
@@ -93,7 +94,7 @@ class SriovNic:
                 pass
             if t is not None:
                 t.join(timeout)
-        self.vfs[k].reset()
+        self.vfs[k].renew()
 
     def doorbells(self) -> list[int]:
         return [vf.doorbell for vf in self.vfs]

@@ -121,3 +121,36 @@ def test_from_the_wire_by_filter_and_a_guest_that_unmapped_its_memory(nic):
     assert n.poll() == 0                                         # nothing read any more
     n.from_wire(_batch([f]))
     assert n.stats[0, S_RX_NO_DESC] >= 1                         # not written either
+
+
+def test_a_removed_guest_keeps_no_hold_on_the_vf_it_had(nic):
+    """A guest may keep its mapping of the queue registers (or a copy of the fd)
+    past the VF's removal; once the VF is freed (and may go to another VM) what it
+    writes there reaches no engine, and the old doorbell is not the new one."""
+    n, guests, wire, pf = nic
+    cl, ram, drv = guests[0]
+    assert drv.bring_up() == MAC0
+    old_q, old_bell = drv.q, n.vfs[0].doorbell
+    n.unserve(0)
+    old_q[:] = 0xFFFFFFFF                     # the old owner scribbles on every register
+    assert not n.vfs[0].q.any(), "the freed VF's registers changed under the old mapping"
+    assert n.vfs[0].doorbell != old_bell
+    # a new owner brings it up and uses it as usual
+    a, b = socket.socketpair()
+    n.serve(0, b)
+    cl2 = Client(a)
+    cl2.version()
+    ram2 = GuestMemory(16 << 20)
+    drv2 = VfDriver(cl2, ram2, GuestPages(ram2.size))
+    try:
+        assert drv2.bring_up() == MAC0 and guests[1][2].bring_up() == MAC1
+        old_q[:] = 0xFFFFFFFF                 # and again while it runs
+        frames = [frame(MAC0.hex(":"), MAC1.hex(":"), k) for k in range(10)]
+        assert drv2.send(_batch(frames)) == 10
+        assert n.poll() == 10
+        got = PacketBatch(256, 1 << 20)
+        assert guests[1][2].receive(got) == 10 and got.frames() == frames
+    finally:
+        drv2.close()
+        cl2.close()
+        ram2.close()

@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 
 import numpy as np
 import pytest
 from scapy.all import IP, UDP, Ether, raw
 
-from hypervisor.partition import GuestMemory, GuestPages
 from sriov.eswitch import C_SPOOF, vf_function
 from sriov.ixgbevf import VfPolicy
 from sriov.ixgbevf_rings import S_RX_NO_DESC
 from sriov.nic import SriovNic
-from sriov.vf_driver import VfDriver
-from sriov.vfio_user import Client
 from switch.batch import PacketBatch
+
+from .vfguest import vf_guest
 
 MAC0, MAC1 = bytes.fromhex("02000000a000"), bytes.fromhex("02000000a001")
 
@@ -37,15 +35,7 @@ def nic():
     for k, mac in enumerate((MAC0, MAC1)):
         v = n.eswitch.create_vport(vf=k)
         n.eswitch.set_filter(v, int.from_bytes(mac, "big"))
-    guests = []
-    for k in range(2):
-        a, b = socket.socketpair()
-        n.serve(k, b)
-        cl = Client(a)
-        cl.version()
-        ram = GuestMemory(16 << 20)
-        drv = VfDriver(cl, ram, GuestPages(ram.size))
-        guests.append((cl, ram, drv))
+    guests = [vf_guest(n, k) for k in range(2)]
     wire, pf = [], []
     n.to_wire = lambda b, idx: wire.extend(b.frame(int(i)) for i in idx)
     n.to_pf = lambda b, idx: pf.extend(b.frame(int(i)) for i in idx)
@@ -136,12 +126,7 @@ def test_a_removed_guest_keeps_no_hold_on_the_vf_it_had(nic):
     assert not n.vfs[0].q.any(), "the freed VF's registers changed under the old mapping"
     assert n.vfs[0].doorbell != old_bell
     # a new owner brings it up and uses it as usual
-    a, b = socket.socketpair()
-    n.serve(0, b)
-    cl2 = Client(a)
-    cl2.version()
-    ram2 = GuestMemory(16 << 20)
-    drv2 = VfDriver(cl2, ram2, GuestPages(ram2.size))
+    cl2, ram2, drv2 = vf_guest(n, 0)
     try:
         assert drv2.bring_up() == MAC0 and guests[1][2].bring_up() == MAC1
         old_q[:] = 0xFFFFFFFF                 # and again while it runs

@@ -12,18 +12,17 @@ import time
 import pytest
 from scapy.all import IP, UDP, Ether, raw
 
-from hypervisor.partition import GuestMemory, GuestPages
 from sriov.eswitch import DEFAULT_VPORT
 from sriov.ixgbevf import VfPolicy
 from sriov.nic import SriovNic
 from sriov.uplink import SriovUplinkPorts
-from sriov.vf_driver import VfDriver
-from sriov.vfio_user import Client
 from switch.afpacket import RingSocket
 from switch.batch import PacketBatch
 from switch.memport import MemoryPorts
 from switch.switch import Switch
 from tests.hvnet.nsutil import in_ns
+
+from .vfguest import vf_guest
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a namespace")]
@@ -61,14 +60,9 @@ def rig(tmp_path):
                                                socket.htons(3)))
         peer.bind(("wire", 3))
         peer.settimeout(0.05)
-        a, b = socket.socketpair()
-        nic.serve(0, b)
-        cl = Client(a)
-        cl.version()
-        ram = GuestMemory(16 << 20)
-        drv = VfDriver(cl, ram, GuestPages(ram.size))
+        guest = vf_guest(nic, 0)
+        cl, ram, drv = guest
         drv.bring_up()
-        guest = (cl, ram, drv)
         yield sw, mem, vm, drv, peer
     finally:
         if guest:

@@ -74,10 +74,8 @@ def _status_table(st: dict, addresses: dict | None = None) -> Table:
 # ----------------------------------------------------------------------- topologies
 def cmd_up(a) -> int:
     from .rundir import RunDir
-    from .runtime import check_providers
     from .topology import load
     topo = load(a.file)                 # TopologyError: exit 2, nothing created
-    check_providers(topo)
     _need_root_or_userns()
     run = RunDir(topo.name)
     try:
@@ -389,7 +387,7 @@ def cmd_vf(a) -> int:
     from rich.progress import Progress
     with Progress(transient=not sys.stdout.isatty()) as prog:
         task = prog.add_task(f"VF chaos on {a.port}", total=a.times)
-        for k in range(a.times):
+        for _ in range(a.times):
             time.sleep(rng.uniform(a.min_s, a.max_s))
             prog.console.print(_call(run, "vf", timeout=180, port=a.port, action="remove"))
             time.sleep(rng.uniform(a.min_s, a.max_s))

@@ -24,7 +24,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from .control import ControlServer  # noqa: E402 (after the environment above)
 from .rootless import enter_own, wanted
 from .rundir import RunDir, start_time
-from .runtime import Runtime, check_providers
+from .runtime import Runtime
 from .topology import TopologyError, load, parse_port_setting, parse_vm
 
 log = logging.getLogger("hvnet.daemon")
@@ -75,7 +75,6 @@ def serve(topology_path: str, run: RunDir, on_ready=None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         topo = load(topology_path)
-        check_providers(topo)
         if wanted():
             for spec in topo.switches.values():
                 if spec.uplink and "interface" in spec.uplink:

@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import select
+import socket
 import threading
 import time
 from pathlib import Path
@@ -35,6 +38,7 @@ from pyroute2 import netns as pr_netns
 
 from switch.afpacket import PacketRingPorts, RingSocket
 from switch.port import mac_to_str
+from switch.rxfilter import filter_vlan
 from switch.switch import Switch
 from switch.tap import TapPorts, open_tap
 
@@ -149,7 +153,6 @@ class PartitionNic(VmNic):
     def _wait_up(self):
         """The driver brings the NIC up while the data path runs; then the tap's
         link, addresses and routes are set in the VM."""
-        import select
         if not select.select([self.ctl.fileno()], [], [], 300)[0]:
             raise RuntimeError_(f"{self.port_name}: the {self.WHAT} driver did not come up")
         got = self.ctl.recv()
@@ -236,15 +239,11 @@ class SriovVmNic(SyntheticNic):
     ADD_S = 120.0            # the guest's VF driver may compile its loops first
 
     def host(self):
-        from sriov.eswitch import DEFAULT_VPORT
         fds = super().host()
         self.sriov = self.rt.sriov[self.nic.switch]
         self.vf: int | None = None
         self.vport: int | None = None
-        self.mac = self.nic.port.mac
-        es = self.sriov.eswitch
-        # the vNIC's filter, on the default VPort while the VM is synthetic (4.2 step 2)
-        self.filter = es.set_filter(DEFAULT_VPORT, self.mac)
+        self.mac = self.nic.port.mac      # its filter: on the default VPort (Runtime._pf_filter)
         self.device.on_data_path = self._data_path
         self.ctl_lock = threading.Lock()
         return fds
@@ -276,7 +275,6 @@ class SriovVmNic(SyntheticNic):
         return True
 
     def _reply(self, want: str, timeout: float):
-        import select
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -286,14 +284,11 @@ class SriovVmNic(SyntheticNic):
             if got is None:
                 return None
             for fd in got[1]:
-                import os
                 os.close(fd)
             if got[0].get("type") == want:
                 return got[0]
 
     def vf_add(self) -> str:
-        import socket
-
         from sriov.ixgbevf import VfPolicy
         with self.ctl_lock:
             if self.vf is not None:
@@ -368,27 +363,10 @@ class SriovVmNic(SyntheticNic):
             except Exception:
                 log.warning("%s: VF removal failed", self.port_name, exc_info=True)
         super().detach()
-        with self.rt.switches[self.nic.switch]._dp_lock:
-            try:
-                self.sriov.eswitch.clear_filter(self.filter)
-            except ValueError:
-                pass
 
 
 NIC_PROVIDERS = {"tap": TapNic, "synthetic": SyntheticNic, "e1000": E1000VmNic,
                  "sriov": SriovVmNic}
-NOT_YET: dict[str, str] = {}
-
-
-def check_providers(topo: Topology, nics=None) -> None:
-    """Refuse, before anything is created, NIC kinds this build cannot serve."""
-    for vm, vnics in (nics or topo.vms).items():
-        for n in vnics:
-            if n.kind not in NIC_PROVIDERS:
-                raise TopologyError(topo.source, f"vms.{vm}.nics[{n.index}].kind",
-                                    f"{n.kind!r}: {NOT_YET.get(n.kind, n.kind)} is not "
-                                    f"available in this build; kinds that run: "
-                                    f"{sorted(NIC_PROVIDERS)}")
 
 
 class Runtime:
@@ -444,7 +422,6 @@ class Runtime:
                                         "(an extension vetoed it)")
                 self.taps[sw_name].attach(port, fd)
         except BaseException:
-            import os
             os.close(fd)
             raise
         self.port_switch[port_name] = sw_name
@@ -542,19 +519,14 @@ class Runtime:
         """Queues for a VM NIC, first come first served, as many as it asks for and
         are free (vswitch_vmq_sriov.md 3.1, 3.4): the MAC filter (with the access VLAN,
         or any VLAN on a trunk) on its first queue, RSS over all of them."""
-        from switch.vmq import VLAN_ANY, VLAN_UNTAGGED_OR_ZERO, VmqError
+        from switch.vmq import VmqError
         vmq = self.vmqs.get(nic.switch)
         name = f"{nic.vm}.eth{nic.index}"
         if vmq is None or nic.vmq.weight == 0:
             if nic.vmq.weight == 0:
                 self.vmq_notes[name] = "VMQ weight 0: no queue"
             return
-        vp = nic.port.vlan
-        vlan = VLAN_UNTAGGED_OR_ZERO
-        if vp is not None and vp.mode == "access":
-            vlan = vp.access_vlan
-        elif vp is not None and vp.mode == "trunk":
-            vlan = VLAN_ANY
+        vlan = filter_vlan(nic.port.vlan)
         sw = self.switches[nic.switch]
         with sw._dp_lock:
             qs = []
@@ -694,16 +666,9 @@ class Runtime:
         if nic is None or ps.mac is None:
             return
         from sriov.eswitch import DEFAULT_VPORT
-        from switch.rxfilter import VLAN_ANY, VLAN_UNTAGGED_OR_ZERO
-        vp = ps.vlan
-        vlan = VLAN_UNTAGGED_OR_ZERO
-        if vp is not None and vp.mode == "access":
-            vlan = vp.access_vlan
-        elif vp is not None and vp.mode == "trunk":
-            vlan = VLAN_ANY
         with self.switches[sw_name]._dp_lock:
-            self.pf_filters[port_name] = (sw_name, nic.eswitch.set_filter(DEFAULT_VPORT,
-                                                                           ps.mac, vlan))
+            self.pf_filters[port_name] = (sw_name, nic.eswitch.set_filter(
+                DEFAULT_VPORT, ps.mac, filter_vlan(ps.vlan)))
 
     def _pf_unfilter(self, port_name: str) -> None:
         got = self.pf_filters.pop(port_name, None)
@@ -713,7 +678,6 @@ class Runtime:
                 self.sriov[sw_name].eswitch.clear_filter(f)
 
     def add_vm(self, vm: str, nics: list[Nic]) -> list[str]:
-        check_providers(self.topo, {vm: nics})
         self.nn.add_namespace(vm)
         provs = []
         self.nics[vm] = provs
@@ -722,8 +686,7 @@ class Runtime:
             port = prov.attach()
             provs.append(prov)
             self._vmq_nic(n, port)
-            if n.kind != "sriov":               # an sriov NIC keeps its own filter
-                self._pf_filter(n.switch, prov.port_name, n.port)
+            self._pf_filter(n.switch, prov.port_name, n.port)
         self.topo.vms[vm] = nics
         if self.started is not None:          # added at run time: its data path runs
             for fn in self.after_start:
@@ -762,7 +725,6 @@ class Runtime:
 
     def up(self) -> None:
         """Create everything; on any failure remove what was made and re-raise."""
-        check_providers(self.topo)
         try:
             for spec in self.topo.switches.values():
                 self._switch(spec)
@@ -885,8 +847,9 @@ class Runtime:
         prov = next((p for provs in self.nics.values() for p in provs
                      if p.port_name == port_name), None)
         if not isinstance(prov, SriovVmNic):
-            raise RuntimeError_(f"{port_name}: not a NIC of kind sriov; those are "
-                                f"{sorted(p.port_name for provs in self.nics.values() for p in provs if isinstance(p, SriovVmNic))}")
+            kinds = sorted(p.port_name for provs in self.nics.values() for p in provs
+                           if isinstance(p, SriovVmNic))
+            raise RuntimeError_(f"{port_name}: not a NIC of kind sriov; those are {kinds}")
         if action == "remove":
             return prov.vf_remove()
         if action == "add":

@@ -207,12 +207,7 @@ class Netvsc:
             if pkt is None:
                 break
             n += 1
-            if pkt.type == P.VM_PKT_COMP:
-                self._completions[pkt.trans_id] = pkt.payload
-            elif pkt.type == P.VM_PKT_DATA_USING_XFER_PAGES:
-                self._receive(pkt)
-            elif pkt.type == P.VM_PKT_DATA_INBAND:
-                self._inband(pkt.payload)
+            self._dispatch(pkt)
         if n:
             self._kick(self.inr.commit_read())
         return n
@@ -224,6 +219,13 @@ class Netvsc:
         pkt = self.inr.read_packet()
         if pkt is None:
             return False
+        self._dispatch(pkt)
+        self._kick(self.inr.commit_read())
+        return True
+
+    def _dispatch(self, pkt) -> None:
+        """One packet from the host: a completion (to its waiter, or kept for
+        _completion), received frames and control replies, or an in-band message."""
         if pkt.type == P.VM_PKT_COMP:
             cb = self.waiters.pop(pkt.trans_id, None)
             if cb is not None:
@@ -234,8 +236,6 @@ class Netvsc:
             self._receive(pkt)
         elif pkt.type == P.VM_PKT_DATA_INBAND:
             self._inband(pkt.payload)
-        self._kick(self.inr.commit_read())
-        return True
 
     def _inband(self, payload: bytes) -> None:
         """An in-band NVSP message from the host: the send table (g.2) is taken as
@@ -373,11 +373,9 @@ class Netvsc:
         """SWITCH_DATA_PATH (h.1) as newer Linux sends it: completion requested, and
         the path counts as switched once the host completed it (it has moved its
         side by then)."""
-        if path == N.DATAPATH_VF and not self.vf_alloc:
-            raise NetvscError("no VF is associated: the data path stays synthetic")
-        tid = self._send(N.nvsp_switch_data_path(path))
-        self._completion(tid, "SWITCH_DATA_PATH")
-        self.datapath = path
+        done: list[int] = []
+        self.request_data_path(path, done.append)
+        self._until(lambda: done or None, "completion of SWITCH_DATA_PATH")
 
     def buffers(self) -> None:
         c = self.client

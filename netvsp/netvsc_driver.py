@@ -356,10 +356,9 @@ class Guest:
     """A NetVSC NIC brought up in this process: the control channel to the host,
     guest RAM, the NIC, the tap queues and one data-path Driver per channel."""
 
-    def __init__(self, ctl, ram, nic, link, ifname, tapfds, drivers, msg):
+    def __init__(self, ctl, ram, nic, link, tapfds, drivers):
         self.ctl, self.ram, self.nic, self.link = ctl, ram, nic, link
-        self.ifname, self.tapfds, self.drivers, self.msg = ifname, tapfds, drivers, msg
-        self.pages = nic.pages
+        self.tapfds, self.drivers, self.pages = tapfds, drivers, nic.pages
 
 
 def parse_args(argv, prog: str):
@@ -369,17 +368,16 @@ def parse_args(argv, prog: str):
     return ap.parse_args(argv)
 
 
-def attach(a, extra_fds: int = 0) -> Guest | None:
-    """The attach message (guest RAM, the message port and ``extra_fds`` more), then
-    Linux's bring-up of the NIC, its channels and the tap; None if the host's
-    attach message is not what it must be."""
+def attach(a) -> Guest | None:
+    """The attach message (guest RAM and the message port), then Linux's bring-up
+    of the NIC, its channels and the tap; None if the host's attach message is
+    not what it must be."""
     ctl = ControlChannel(socket.socket(fileno=a.ctl))
-    got = ctl.recv(max_fds=2 + extra_fds)
-    if got is None or got[0].get("type") != "attach" or len(got[1]) != 2 + extra_fds:
+    got = ctl.recv(max_fds=2)
+    if got is None or got[0].get("type") != "attach" or len(got[1]) != 2:
         log.error("expected an attach message with guest RAM and the message port")
         return None
-    msg, fds = got
-    memfd, portfd = fds[:2]
+    msg, (memfd, portfd) = got
     ram = GuestMemory(int(msg["ram"]), fd=memfd)
     client = VmbusClient(MessagePort(socket.socket(fileno=portfd)), timeout=HOST_START_S)
     client.connect()
@@ -407,9 +405,7 @@ def attach(a, extra_fds: int = 0) -> Guest | None:
         [Driver(ram, nic, tapfds[k], nic.subchannels[k - 1], shares[k]) for k in range(1, nch)]
     for d in drivers:
         d.warm()
-    g = Guest(ctl, ram, nic, link, a.ifname, tapfds, drivers, msg)
-    g.extra_fds = fds[2:]
-    return g
+    return Guest(ctl, ram, nic, link, tapfds, drivers)
 
 
 def run(g: Guest) -> None:

@@ -24,3 +24,14 @@ def vlan_matches(fv, tagged, vid):
     if fv == VLAN_ANY:
         return True
     return tagged and vid != 0 and vid == fv
+
+
+def filter_vlan(vlan) -> int:
+    """The VLAN of the filter the switch sets for a vNIC whose VLAN property is
+    ``vlan`` (a switch.properties.VlanProperty, or None): its access VLAN, any
+    VLAN on a trunk, else MAC-only for untagged and VLAN-0 frames."""
+    if vlan is not None and vlan.mode == "access":
+        return vlan.access_vlan
+    if vlan is not None and vlan.mode == "trunk":
+        return VLAN_ANY
+    return VLAN_UNTAGGED_OR_ZERO

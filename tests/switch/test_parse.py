@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 from scapy.all import ARP, ICMP, IP, TCP, UDP, Dot1AD, Dot1Q, Dot3, Ether, Raw, raw
 from scapy.layers.inet import IPOption
@@ -386,6 +386,10 @@ def _expect_l4(e, fl, proto, lay, l4, v6):
         e[PAYOFF] = l4 + 4
         return fl | F_ICMP
     if proto == 58 and v6:
+        if not any(f.name == "type" for f in lay.fields_desc):
+            # scapy lost its way in this extension-header chain (it left the ICMPv6
+            # header as Raw, at an offset it computed differently): no reference
+            reject()
         e[ICMP_TYPE], e[ICMP_CODE] = lay.type, lay.code
         e[PAYOFF] = l4 + 4
         return fl | F_ICMP6

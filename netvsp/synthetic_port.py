@@ -14,6 +14,7 @@ by the control path only, and its data is dropped and counted there.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ from .vmbus import ring as RG
 MAX_SEGMENTS = 128
 CONTROL_STEPS = 64          # control packets handled per channel per receive
 PUMP_EVERY_S = 0.002        # VMBus control messages, looked for at least this often
+SKIP_AT_MOST = 8            # receive passes a port's ingress may give way to its worker
 
 
 # What the data path's counters mean (datapath.BAD_*, datapath.S_*), for stats.
@@ -102,6 +104,12 @@ def _sync_send_buffer(cd: _ChannelData) -> None:
 
 class SyntheticPorts(PortKind):
     name = "synthetic"
+    # A VMQ queue's worker sends to its VM's port beside the data-path thread: each
+    # port's data path runs under its device's lock, the lock NetVSP's control
+    # path (channel open and close, GPADL teardown, link) already holds, so the
+    # rings and receive buffer are never used by two threads at once nor after
+    # the guest revoked them.
+    concurrent = True
 
     def __init__(self):
         super().__init__()
@@ -114,6 +122,7 @@ class SyntheticPorts(PortKind):
         # message ports, doorbell counts) are skipped while frames flow: a doorbell
         # left readable only makes the next epoll return at once.
         self._pumped = 0.0
+        self._skipped: dict[int, int] = {}   # port id -> receive passes it gave way
 
     def attach(self, port, device, server=None) -> None:
         """Serve ``port`` with ``device``; ``server``, if given, is pumped here too
@@ -127,11 +136,14 @@ class SyntheticPorts(PortKind):
 
     def port_removed(self, port) -> None:
         super().port_removed(port)
-        self.devices.pop(port.port_id, None)
-        self.servers.pop(port.port_id, None)
-        self._data.pop(port.port_id, None)
-        self._bad.pop(port.port_id, None)
-        self._stats.pop(port.port_id, None)
+        dev = self.devices.get(port.port_id)
+        lock = dev.lock if dev is not None else contextlib.nullcontext()
+        with lock:                        # waits for a worker's transmit in flight
+            self.devices.pop(port.port_id, None)
+            self.servers.pop(port.port_id, None)
+            self._data.pop(port.port_id, None)
+            self._bad.pop(port.port_id, None)
+            self._stats.pop(port.port_id, None)
 
     def port_info(self, port_id: int) -> dict | None:
         dev = self.devices.get(port_id)
@@ -247,14 +259,27 @@ class SyntheticPorts(PortKind):
         n, cursor = 0, 0
         for pid in self.port_ids.tolist():
             dev = self.devices[pid]
-            cd = self._channel_data(pid)
-            if cd is None:
-                dev.poll()                       # the control path alone (bring-up)
-                continue
-            for x in self._channels(pid, cd):
-                n, cursor = self._ingress(x, batch, n, cursor, pid, ready)
-            if cd.nc.closed:
-                self._data.pop(pid, None)
+            # A VMQ worker sending to this port holds its lock: read its rings on a
+            # later pass rather than wait (they keep what they hold, and an unread
+            # doorbell keeps the switch's epoll from sleeping), but not for ever.
+            if not dev.lock.acquire(blocking=False):
+                skipped = self._skipped.get(pid, 0) + 1
+                if skipped < SKIP_AT_MOST:
+                    self._skipped[pid] = skipped
+                    continue
+                dev.lock.acquire()
+            self._skipped.pop(pid, None)
+            try:
+                cd = self._channel_data(pid)
+                if cd is None:
+                    dev.poll()                   # the control path alone (bring-up)
+                    continue
+                for x in self._channels(pid, cd):
+                    n, cursor = self._ingress(x, batch, n, cursor, pid, ready)
+                if cd.nc.closed:
+                    self._data.pop(pid, None)
+            finally:
+                dev.lock.release()
         batch.cursor = cursor
         return n
 
@@ -313,34 +338,46 @@ class SyntheticPorts(PortKind):
             j0, j1 = int(span[pid, 0]), int(span[pid, 1])
             if j0 == j1:
                 continue
-            cd = self._channel_data(pid)
-            if cd is None:                       # no data path yet
+            dev = self.devices.get(pid)
+            if dev is None:                      # removed meanwhile (a worker's plan)
                 tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.DEST_NOT_CONNECTED)
                 continue
-            if cd.nc.packet_filter == 0:
-                # the guest takes nothing (f.1, e.3: Linux sets 0 when its interface
-                # goes down)
-                tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.NIC_FILTER)
-                continue
-            chans = self._channels(pid, cd)
-            rss = cd.nc.rss
-            if len(chans) > 1 and rss is not None:
-                # vRSS: each channel's frames on its own ring (netvsp.vrss)
-                slots = cd.slots
-                if cd.vrss is None or cd.vrss[0].shape[1] < plan.shape[1] or \
-                        cd.vrss[2].shape[0] != len(slots) + 1:
-                    cd.vrss = vrss.scratch(plan.shape[1], len(slots))
-                tmp, chan, starts, cursor = cd.vrss
-                vrss.group_by_channel(batch.meta, plan, j0, j1, rss["ktable"],
-                                      rss["hashinfo"], rss["itab"], len(slots), tmp, chan,
-                                      starts, cursor)
-                for c, x in enumerate(slots):
-                    a, b = j0 + int(starts[c]), j0 + int(starts[c + 1])
-                    if a < b:
-                        cd.per_slot[min(c, cd.per_slot.size - 1)] += b - a
-                        self._egress(x, batch, plan, a, b, pid, ctr)
-            else:
-                self._egress(cd, batch, plan, j0, j1, pid, ctr)
+            with dev.lock:
+                if self.devices.get(pid) is dev:
+                    self._transmit_port(pid, batch, plan, j0, j1, ctr)
+                else:
+                    tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.DEST_NOT_CONNECTED)
+
+    def _transmit_port(self, pid, batch, plan, j0, j1, ctr) -> None:
+        """One port's share of the plan, under its device's lock."""
+        cd = self._channel_data(pid)
+        if cd is None:                           # no data path yet
+            tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.DEST_NOT_CONNECTED)
+            return
+        if cd.nc.packet_filter == 0:
+            # the guest takes nothing (f.1, e.3: Linux sets 0 when its interface
+            # goes down)
+            tx_failed_span(ctr, pid, batch.meta, plan, j0, j1, C.NIC_FILTER)
+            return
+        chans = self._channels(pid, cd)
+        rss = cd.nc.rss
+        if len(chans) > 1 and rss is not None:
+            # vRSS: each channel's frames on its own ring (netvsp.vrss)
+            slots = cd.slots
+            if cd.vrss is None or cd.vrss[0].shape[1] < plan.shape[1] or \
+                    cd.vrss[2].shape[0] != len(slots) + 1:
+                cd.vrss = vrss.scratch(plan.shape[1], len(slots))
+            tmp, chan, starts, cursor = cd.vrss
+            vrss.group_by_channel(batch.meta, plan, j0, j1, rss["ktable"],
+                                  rss["hashinfo"], rss["itab"], len(slots), tmp, chan,
+                                  starts, cursor)
+            for c, x in enumerate(slots):
+                a, b = j0 + int(starts[c]), j0 + int(starts[c + 1])
+                if a < b:
+                    cd.per_slot[min(c, cd.per_slot.size - 1)] += b - a
+                    self._egress(x, batch, plan, a, b, pid, ctr)
+        else:
+            self._egress(cd, batch, plan, j0, j1, pid, ctr)
 
     def _egress(self, cd: _ChannelData, batch, plan, j0, j1, pid, ctr) -> None:
         base, ds = cd.out_ring

@@ -57,9 +57,12 @@ class PortKind:
     # Sorts a received batch into receive queues once it is parsed (VMQ on an
     # external port, switch/vmq.py), or None.
     steer = None
-    # Hands a received batch's frames to other threads (VMQ queue workers,
-    # switch/vmq_workers.py) and returns how many are left for this one, or None.
-    dispatch = None
+
+    # True when ``transmit`` may be called outside the switch's data-path lock, from
+    # a VMQ queue's worker beside the data-path thread (switch/vmq_workers.py): the
+    # kind then serialises each port's transmit against its own receive and control
+    # path, and against the port's removal, itself.
+    concurrent = False
 
     def transmit(self, batch, plan, span) -> None:
         """Send ``plan[:, span[q,0]:span[q,1]]`` for each of this kind's ports q."""

@@ -511,9 +511,7 @@ class Runtime:
         self.vmqs[spec.name] = vmq
         self.rings[spec.name].steer = vmq.steer
         if workers:
-            w = QueueWorkers(vmq, self.switches[spec.name])
-            self.vmq_workers[spec.name] = w
-            self.rings[spec.name].dispatch = w.dispatch
+            self.vmq_workers[spec.name] = QueueWorkers(vmq, self.switches[spec.name])
 
     def _vmq_nic(self, nic, port) -> None:
         """Queues for a VM NIC, first come first served, as many as it asks for and

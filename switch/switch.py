@@ -210,6 +210,9 @@ class Switch:
         self._depth = 0
         self._raise_later: list[Exception] = []
         self._dp_lock = DataPathLock()
+        # Takes the deliveries of steered frames to send on other threads (VMQ queue
+        # workers, switch/vmq_workers.py), or None: take_batch, put_batch, offload.
+        self.offload = None
         # Inside ``Switch.run``: the descriptors its last epoll found readable, for
         # the poll right after it (empty for the polls after that), so a kind may
         # skip system calls on the others. None outside run: nothing is known.
@@ -493,13 +496,14 @@ class Switch:
     def process(self, batch: PacketBatch, steer=None) -> int:
         """Switch one batch whose frames and sources are filled in. Returns deliveries.
         ``steer(batch)``, when given, sorts the parsed frames into receive queues
-        (VMQ, switch/vmq.py) before anything else sees them."""
+        (VMQ, switch/vmq.py) before anything else sees them, and the queues'
+        deliveries are then handed to ``offload`` (their workers) to send."""
         with self._dp_lock:
             now = self.clock()
             edge_ingress(batch.meta, batch.data, self.counters.table, 0, batch.n)
             if steer is not None:
                 steer(batch)
-            total = self._run(batch, 0, now)
+            total = self._run(batch, 0, now, steer is not None)
             while self._injected:
                 ext, b, start, path, depth = self._injected.popleft()
                 # The extension had the batch writable: check it before indexing with it.
@@ -530,17 +534,19 @@ class Switch:
             self._raise_pending()
         return total
 
-    def _run(self, batch, start, now) -> int:
+    def _run(self, batch, start, now, steered: bool = False) -> int:
         if self._ctx_rows:
             self._ctx[:, :batch.n] = 0
         for st in self._stages[start:]:
             st(batch, now)
-        return self._deliver(batch)
+        return self._deliver(batch, steered)
 
-    def _deliver(self, batch) -> int:
+    def _deliver(self, batch, steered: bool = False) -> int:
         c, p = self.counters, self._plan
         total = finalize(batch.meta, c.table, p.plan, p.span, batch.n)
         if total:
+            if steered and self.offload is not None:
+                self.offload.offload(batch, p.plan, p.span)
             for kind in self.kinds:
                 kind.transmit(batch, p.plan, p.span)
         return total
@@ -555,14 +561,20 @@ class Switch:
         for k in ([kind] if kind else self.kinds):
             # Held from receive on: control operations change the kinds' port arrays.
             with self._dp_lock:
-                b = self._rx
+                # A steered kind's batch may stay with VMQ workers after this pass.
+                off = self.offload if k.steer is not None else None
+                b = off.take_batch() if off is not None else None
+                if b is None:
+                    b = self._rx
                 b.reset()
-                b.n = k.receive(b)
-                got += b.n
-                if b.n and k.dispatch is not None:
-                    b.n = k.dispatch(b)       # frames of queues with their own workers
-                if b.n:
-                    self.process(b, k.steer)
+                try:
+                    b.n = k.receive(b)
+                    got += b.n
+                    if b.n:
+                        self.process(b, k.steer)
+                finally:
+                    if off is not None:
+                        off.put_batch(b)
             self._dp_lock.hand_over()
         return got
 
@@ -769,6 +781,8 @@ class Switch:
             raise ObjectReferenced(f"port {p.name!r} is still referenced {p.refs} time(s) by "
                                    "an extension (A.20)")
         with self._dp_lock:          # waits for the batch in flight, if any
+            if self.offload is not None:
+                self.offload.drain()  # and for deliveries handed to VMQ workers (A.16)
             self._oid(Oid.PORT_DELETE, p)
             p.state = PortState.DELETED
             del self.ports[p.port_id]

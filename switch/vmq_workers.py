@@ -1,19 +1,24 @@
 """The workers of VMQ queues: one thread per queue, pinned to the queue's CPU.
 
 What a VMQ NIC does in hardware (vswitch_vmq_sriov.md 3.1: one receive queue
-per filter set, each indicated on its own processor) is done here by the
-external port's data path as a compiled demultiplexer of its one receive ring:
-the batch just read is parsed and classified (``Vmq.classify``); the frames of
-each queue that has a worker are moved into a batch of that worker's lane, and
-what is left (queue 0, the default queue) is switched by the data-path thread
-itself. A worker switches its batches (``Switch.process``) with the queue's
-steering, so the frames go to the queue's VM port without a lookup, and a frame
-whose queue went away meanwhile is queue 0's (checklist 34).
+per filter set, each indicated on its own processor) is split here at the
+switch's delivery. The data-path thread receives the external port's ring,
+steers each frame to its queue (``Vmq.steer``: the queue's VM port without a
+lookup, checklist 33) and runs the whole pipeline (port policies, extensions)
+over the batch as for any other; then, instead of copying a queue's frames into
+its VM port itself, it hands that port's share of the delivery plan to the
+queue's worker (``offload``), which copies them into the VM's rings on the
+queue's CPU. That copy, with the guest's interrupt, is most of what a received
+frame costs the host, and a worker does it without the switch's data-path lock
+(``PortKind.concurrent``: the kind serialises each port itself).
 
-A lane holds ``depth`` batches. When all are in the worker's hands, a queue is
-full: its frames are dropped and counted (VMQ_FULL), as a NIC drops on a full
-ring; waiting would deadlock (the worker needs the data-path lock the
-dispatcher holds), and switching them here would reorder the queue's flows.
+Nothing is copied to hand it over: the data-path thread receives into one of
+``batches`` batches of its own, and a batch goes back to the free ones when
+every worker that had a share of it is done. With none free for ``wait_s``
+(workers behind), the next batch is received into the switch's own and the
+queues' deliveries in it are dropped and counted (VMQ_FULL), as a NIC drops on a
+full queue; delivering them from here would reorder the queues' flows. A frame
+whose queue went away before it was steered is queue 0's (checklist 34).
 
 Load (3.2) is each thread's CPU time per interval, read from its CPU clock; the
 balancer calls ``Vmq.rebalance`` every ``interval`` seconds when the VMQ is
@@ -31,134 +36,171 @@ import time
 import numpy as np
 
 from . import counters as R
-from .batch import ALIGN, DROP, LEN, NFIELDS, OFF, QUEUE, ROW_PAD, PacketBatch, copy_bytes
+from .batch import QPORT, QUEUE
+from .delivery import tx_failed_span
 from .kernel import kernel
-from .parse import parse_batch
 
 log = logging.getLogger("hvnet.vmq")
-LANE_CAPACITY = 64
-LANE_ARENA = 1 << 19
 
 
 @kernel
-def take_queue(meta, data, n, q, out_meta, out_data):
-    """Move queue ``q``'s frames into ``out`` (from slot 0) and close the gaps they
-    leave. Returns (moved, out cursor, left)."""
-    cap = out_meta.shape[1] - ROW_PAD
-    cursor = 0
-    m = 0
-    k = 0
-    full = False          # once a frame of q stays behind, all later ones do: in order
-    for i in range(n):
-        ln = meta[LEN, i]
-        off = meta[OFF, i]
-        mine = meta[QUEUE, i] == q and meta[DROP, i] == 0
-        if mine and not full and (m >= cap or cursor > out_data.shape[0] - ln):
-            full = True
-        if (mine and not full and off >= 0 and ln >= 0
-                and off <= data.shape[0] - ln):
-            copy_bytes(out_data, cursor, data, off, ln)
-            for f in range(NFIELDS):
-                out_meta[f, m] = meta[f, i]
-            out_meta[OFF, m] = cursor
-            cursor = (cursor + ln + ALIGN - 1) & ~(ALIGN - 1)
-            m += 1
+def split_deliveries(meta, plan, j0, j1, pid, live, out, counts):
+    """Move port ``pid``'s deliveries in ``plan[:, j0:j1]`` whose frame was steered
+    to a queue of that port with ``live[q]`` set into ``out[q]`` (in order,
+    ``counts[q]`` each); the rest close up from ``j0``. Returns the span's new end."""
+    nq = out.shape[0]
+    cap = out.shape[2]
+    counts[:] = 0
+    k = j0
+    for j in range(j0, j1):
+        i = plan[0, j]
+        q = 0
+        if 0 <= i < meta.shape[1] and meta[QPORT, i] == pid:
+            q = meta[QUEUE, i]
+        if 0 < q < nq and live[q] != 0 and counts[q] < cap:
+            m = counts[q]
+            out[q, 0, m] = i
+            out[q, 1, m] = plan[1, j]
+            counts[q] = m + 1
             continue
-        if k != i:                             # left: other queues', or no room here
-            for f in range(NFIELDS):
-                meta[f, k] = meta[f, i]
+        if k != j:
+            plan[0, k] = plan[0, j]
+            plan[1, k] = plan[1, j]
         k += 1
-    return m, cursor, k
-
-
-@kernel
-def append_batch(meta, data, n, cursor, src_meta, src_data, src_n, src_cursor):
-    """Append a whole lane batch (its arena in one copy) behind ``n`` frames, if it
-    fits; else nothing. Returns (n, cursor)."""
-    cap = meta.shape[1] - ROW_PAD
-    if (n + src_n > cap or src_cursor < 0 or src_cursor > src_data.shape[0]
-            or cursor + src_cursor > data.shape[0]):
-        return n, cursor
-    copy_bytes(data, cursor, src_data, 0, src_cursor)
-    for i in range(src_n):
-        for f in range(NFIELDS):
-            meta[f, n + i] = src_meta[f, i]
-        meta[OFF, n + i] += cursor
-    return n + src_n, (cursor + src_cursor + ALIGN - 1) & ~(ALIGN - 1)
-
-
-@kernel
-def drop_queue(meta, n, q, reason):
-    for i in range(n):
-        if meta[QUEUE, i] == q and meta[DROP, i] == 0:
-            meta[DROP, i] = reason
+    return k
 
 
 class _Lane:
-    def __init__(self, q: int, batches):
+    def __init__(self, q: int, max_ports: int):
         self.q = q
-        self.free = collections.deque(batches)      # batches the dispatcher may fill
         self.ready: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.full_drops = 0
         self.cpu = -1
+        self.span = np.zeros((max_ports + 1, 2), dtype=np.int64)   # the worker's, one row set
 
 
 class QueueWorkers:
-    """Workers for queues 1..N of ``vmq`` on ``switch``."""
+    """Workers for queues 1..N of ``vmq`` on ``switch``; installs itself as the
+    switch's delivery offload (``Switch.offload``)."""
 
-    def __init__(self, vmq, switch, depth: int = 32, interval: float = 1.0):
-        self.vmq, self.switch, self.interval = vmq, switch, interval
-        # Lane batches are smaller than the switch's: a queue's share of one receive.
-        self.lanes = {q: _Lane(q, [PacketBatch(LANE_CAPACITY, LANE_ARENA,
-                                               max_dest=switch.max_dest)
-                                   for _ in range(depth)])
-                      for q in range(1, vmq.num_queues + 1)}
-        self.per_queue = np.zeros(vmq.num_queues + 1, dtype=np.int64)
-        a = self.lanes[1].free[0] if self.lanes else PacketBatch(LANE_CAPACITY, 4096)
-        append_batch(a.meta, a.data, 0, 0, a.meta, a.data, 0, 0)   # compiled before traffic
+    def __init__(self, vmq, switch, batches: int = 8, interval: float = 1.0,
+                 wait_s: float = 0.02):
+        self.vmq, self.switch, self.interval, self.wait_s = vmq, switch, interval, wait_s
+        self.lanes = {q: _Lane(q, switch.max_ports) for q in range(1, vmq.num_queues + 1)}
+        self.pool = [switch.new_batch() for _ in range(batches)]
+        self.free = collections.deque(self.pool)
+        self.holds: dict[int, int] = {}              # id(batch) -> workers holding it
+        self.returns: queue.SimpleQueue = queue.SimpleQueue()
+        self._out = np.zeros((vmq.num_queues + 1, 2, switch.batch_capacity), dtype=np.int64)
+        self._counts = np.zeros(vmq.num_queues + 1, dtype=np.int64)
+        self._live = np.zeros(vmq.num_queues + 1, dtype=np.int64)
+        split_deliveries(self.pool[0].meta, switch._plan.plan, 0, 0, 0, self._live, self._out,
+                         self._counts)                                  # compiled now
         self.stop_event = threading.Event()
         self.dispatcher: int | None = None          # the data-path thread's ident
         self._balancer: threading.Thread | None = None
         self._pinned_dispatcher = -1
+        switch.offload = self
 
     # ---- the data-path thread ----------------------------------------------------------
-    def dispatch(self, batch) -> int:
-        """Hand each queue's frames to its worker; returns the frames left in ``batch``."""
+    def _settle(self) -> None:
+        """Batches the workers are done with go back to the free ones."""
+        while True:
+            try:
+                b = self.returns.get_nowait()
+            except queue.Empty:
+                return
+            self._release(b)
+
+    def _release(self, b) -> None:
+        left = self.holds.get(id(b), 0) - 1
+        if left > 0:
+            self.holds[id(b)] = left
+        else:
+            self.holds.pop(id(b), None)
+            self.free.append(b)
+
+    def take_batch(self):
+        """A batch to receive into, or None when the workers hold them all for
+        ``wait_s`` (the queues are full)."""
         me = threading.get_ident()
         if me != self.dispatcher and threading.current_thread() is not threading.main_thread():
             self.dispatcher = me              # the data-path thread (not warm()'s caller)
             self._pinned_dispatcher = -1
         if me == self.dispatcher:
             self._pin_dispatcher()
-        n = batch.n
-        if not n:
-            return 0
-        parse_batch(batch.meta, batch.data, 0, n)
-        self.vmq.classify(batch, self.per_queue)
-        for q in np.flatnonzero(self.per_queue[1:]).tolist():
-            q += 1
-            lane = self.lanes[q]
-            left = int(self.per_queue[q])
-            while left:
+        self._settle()
+        if not self.free and self.lanes and not self.stop_event.is_set():
+            deadline = time.monotonic() + self.wait_s
+            while not self.free:
+                t = deadline - time.monotonic()
+                if t <= 0:
+                    break
                 try:
-                    b = lane.free.popleft()
-                except IndexError:             # the worker holds them all: queue full
-                    drop_queue(batch.meta, batch.n, q, R.VMQ_FULL)
-                    lane.full_drops += left
+                    self._release(self.returns.get(timeout=t))
+                except queue.Empty:
                     break
-                b.reset()
-                m, cur, batch.n = take_queue(batch.meta, batch.data, batch.n, q, b.meta,
-                                             b.data)
-                if not m:                      # a frame larger than a lane's arena
-                    lane.free.append(b)
-                    drop_queue(batch.meta, batch.n, q, R.VMQ_FULL)
-                    lane.full_drops += left
-                    break
-                b.n, b.cursor = m, cur
-                lane.ready.put(b)
-                left -= m
-        return batch.n
+        if not self.free:
+            return None
+        b = self.free.popleft()
+        self.holds[id(b)] = 1                  # the data-path thread's own hold
+        return b
+
+    def put_batch(self, b) -> None:
+        """The data-path thread is done with ``b``; it is free once the workers are."""
+        if id(b) in self.holds:
+            self._release(b)
+
+    def offload(self, batch, plan, span) -> None:
+        """Hand each queue's share of its port's deliveries to the queue's worker
+        (the data-path thread, under the data-path lock, after ``finalize``). In a
+        batch not from ``take_batch`` (the queues were full) the shares are dropped."""
+        vmq = self.vmq
+        live = self._live
+        live[:] = 0
+        for q, lane in self.lanes.items():
+            live[q] = lane.thread is not None and not self.stop_event.is_set()
+        if not live.any():
+            return                                # no workers: the data path sends all
+        owned = id(batch) in self.holds
+        ports = {int(vmq.q_port[q]) for q in self.lanes if live[q]}
+        ctr = self.switch.counters.table
+        for pid in ports:
+            j0, j1 = int(span[pid, 0]), int(span[pid, 1])
+            if j0 == j1:
+                continue
+            port = self.switch.ports.get(pid)
+            kind = port.provider if port is not None else None
+            if kind is None or not kind.concurrent:
+                continue                          # sent by the data-path thread itself
+            span[pid, 1] = split_deliveries(batch.meta, plan, j0, j1, pid, live, self._out,
+                                            self._counts)
+            for q in np.flatnonzero(self._counts).tolist():
+                m = int(self._counts[q])
+                lane = self.lanes[q]
+                sub = self._out[q, :, :m].copy()
+                if not owned:
+                    tx_failed_span(ctr, pid, batch.meta, sub, 0, m, R.VMQ_FULL)
+                    lane.full_drops += m
+                    continue
+                self.holds[id(batch)] += 1
+                lane.ready.put((batch, sub, pid, kind))
+
+    def drain(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every worker has sent what was handed to it so far (a port is
+        deleted only after its in-flight packets, A.16, and its id may be reused)."""
+        marks = []
+        for lane in self.lanes.values():
+            if lane.thread is not None and lane.thread.is_alive():
+                ev = threading.Event()
+                lane.ready.put(ev)
+                marks.append(ev)
+        deadline = time.monotonic() + timeout_s
+        ok = all(ev.wait(max(0.0, deadline - time.monotonic())) for ev in marks)
+        if not ok:
+            log.error("VMQ: a queue worker did not drain in %.0f s", timeout_s)
+        return ok
 
     def _pin_dispatcher(self) -> None:
         cpu = int(self.vmq.q_cpu[0])
@@ -185,44 +227,28 @@ class QueueWorkers:
                 t.join(5)
 
     def _work(self, lane: _Lane) -> None:
-        steer = self.vmq.steer
-        process = self.switch.process
         q_cpu = self.vmq.q_cpu
-        carry = None
-        while not self.stop_event.is_set():
-            b = carry if carry is not None else lane.ready.get()
-            carry = None
-            if b is None:
+        span = lane.span
+        while True:
+            item = lane.ready.get()
+            if item is None:
                 break
+            if isinstance(item, threading.Event):    # drain(): all before it is sent
+                item.set()
+                continue
+            batch, sub, pid, kind = item
             cpu = int(q_cpu[lane.q])
             if cpu != lane.cpu:
                 _pin(cpu)
                 lane.cpu = cpu
-            # A worker behind its queue switches what waits as one batch: the cost
-            # of a batch is mostly per batch, and the dispatcher hands over one per
-            # receive, however few frames it had.
-            while b.n < b.capacity:
-                try:
-                    nxt = lane.ready.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    carry = None
-                    self.stop_event.set()
-                    break
-                n, b.cursor = append_batch(b.meta, b.data, b.n, b.cursor, nxt.meta, nxt.data,
-                                           nxt.n, nxt.cursor)
-                if n == b.n:
-                    carry = nxt               # does not fit: it goes next, in order
-                    break
-                b.n = n
-                lane.free.append(nxt)
+            span[pid, 0], span[pid, 1] = 0, sub.shape[1]
             try:
-                process(b, steer)
+                kind.transmit(batch, sub, span)
             except Exception:                 # reported, and the queue keeps running
-                log.exception("VMQ queue %d: switching a batch failed", lane.q)
+                log.exception("VMQ queue %d: delivering a batch failed", lane.q)
             finally:
-                lane.free.append(b)
+                span[pid, 1] = 0
+                self.returns.put(batch)
 
     # ---- dynamic VMQ ---------------------------------------------------------------
     def _cpu_time(self, ident) -> float | None:

@@ -1,6 +1,7 @@
-"""VMQ queue workers: frames of a queue are switched by its worker thread and reach
-the queue's VM port only; a full lane drops and counts; freeing a queue while its
-frames are in flight sends them the default way; loads are measured per thread."""
+"""VMQ queue workers: a queue's deliveries to its VM port are sent by its worker
+thread, outside the switch's data-path lock, in order; other frames are sent by
+the data-path thread; full queues drop and count; a queue freed or moved to
+another CPU while its deliveries wait loses nothing; loads are measured per thread."""
 from __future__ import annotations
 
 import os
@@ -12,125 +13,217 @@ import numpy as np
 from scapy.all import IP, UDP, Ether, Raw, raw
 
 from switch import counters as R
+from switch.batch import LEN, OFF, QPORT, QUEUE, PacketBatch
 from switch.memport import MemoryPorts
 from switch.port import mac_to_int
+from switch.portkind import PortKind
 from switch.switch import Switch
 from switch.vmq import Vmq
-from switch.vmq_workers import QueueWorkers
+from switch.vmq_workers import QueueWorkers, split_deliveries
 
 MACS = ["02:00:00:00:0a:01", "02:00:00:00:0b:01", "02:00:00:00:0c:01"]
 
 
-def _rig(queues=2, depth=4):
-    sw = Switch("vmqw", max_ports=8)
+class _Recording(PortKind):
+    """A concurrent kind (VM ports): notes, per delivered frame, the port, the thread
+    and whether it held the switch's data-path lock. ``gate``, when cleared, holds a
+    queue worker inside its transmit (a slow guest)."""
+    concurrent = True
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.seen: list[tuple[int, str, bool, bytes]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def transmit(self, batch, plan, span) -> None:
+        held = self.switch._dp_lock._lock._is_owned()
+        if threading.current_thread().name.startswith("vmq-"):
+            self.gate.wait(30)
+        with self.lock:
+            for pid in self.port_ids.tolist():
+                for j in range(int(span[pid, 0]), int(span[pid, 1])):
+                    i = int(plan[0, j])
+                    o, ln = int(batch.meta[OFF, i]), int(batch.meta[LEN, i])
+                    self.seen.append((pid, threading.current_thread().name, held,
+                                      bytes(batch.data[o:o + ln])))
+
+    def frames(self, port) -> list[bytes]:
+        with self.lock:
+            return [f for p, _, _, f in self.seen if p == port.port_id]
+
+
+def _rig(queues=2, batches=8, cpus=(0,), name="vmqw"):
+    sw = Switch(name, max_ports=8)
     mem = MemoryPorts(in_frames=8192, in_bytes=1 << 22, out_frames=16384, out_bytes=1 << 23)
+    rec = sw.add_kind(_Recording())
     up = sw.add_port("uplink", "external", kind=mem)
-    vms = [sw.add_port(f"vm{k}", "synthetic", mac=m, kind=mem) for k, m in enumerate(MACS)]
-    vmq = Vmq(queues, port_id=up.port_id, cpus=[0])
-    w = QueueWorkers(vmq, sw, depth=depth, interval=0.2)
-    mem.steer, mem.dispatch = vmq.steer, w.dispatch
+    vms = [sw.add_port(f"vm{k}", "synthetic", mac=m, kind=rec) for k, m in enumerate(MACS)]
+    vmq = Vmq(queues, port_id=up.port_id, cpus=list(cpus))
+    w = QueueWorkers(vmq, sw, batches=batches, interval=0.2, wait_s=0.05)
+    mem.steer = vmq.steer
     qs = []
     for p, m in zip(vms[:queues], MACS):
-        q = vmq.allocate(p.port_id, cpu=0)
+        q = vmq.allocate(p.port_id, cpu=cpus[0])
         vmq.set_filter(q, mac_to_int(m))
         vmq.complete(q)
         qs.append(q)
-    return sw, mem, up, vms, vmq, w, qs
+    return sw, mem, rec, up, vms, vmq, w, qs
 
 
-def _frames(mac, n, tag):
+def _frames(mac, n, tag, size=40):
     return [raw(Ether(dst=mac, src="02:00:00:00:00:99") / IP(src="10.0.0.9", dst="10.0.0.1")
-                / UDP(sport=1000 + k, dport=7) / Raw(tag + k.to_bytes(4, "big") + b"p" * 40))
+                / UDP(sport=1000 + k % 50000, dport=7) / Raw(tag + k.to_bytes(4, "big")
+                                                            + b"p" * size))
             for k in range(n)]
 
 
-def _drain(sw, mem, w, depth, timeout=30):
-    """Poll until the input is empty and every lane's batches are back; everything
-    delivered meanwhile, by port."""
-    out: dict[int, list[bytes]] = {}
+def _seq(frame: bytes) -> int:
+    return int.from_bytes(frame[43:47], "big")
+
+
+def _drain(sw, mem, rec, want, timeout=30):
+    """Poll until ``want`` frames were delivered to the VM ports (or time is up)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         sw.poll()
-        with sw._dp_lock:
-            for p, fs in mem.collect_by_port().items():
-                out.setdefault(p, []).extend(fs)
-        if not mem.pending() and all(len(lane.free) == depth for lane in w.lanes.values()):
-            break
+        with rec.lock:
+            if len(rec.seen) >= want and not mem.pending():
+                return
         time.sleep(0.001)
-    with sw._dp_lock:
-        for p, fs in mem.collect_by_port().items():
-            out.setdefault(p, []).extend(fs)
-    return out
 
 
-def test_each_queue_is_switched_by_its_worker_to_its_port_only():
-    # Lanes deep enough for all of it (4 receives of up to 86 frames per queue, two
-    # lane batches each): nothing may depend on when the workers get to run.
-    sw, mem, up, vms, vmq, w, qs = _rig(depth=16)
-    seen = {}
-    orig = sw.process
-
-    def spy(b, steer=None):
-        seen.setdefault(threading.current_thread().name, 0)
-        seen[threading.current_thread().name] += b.n
-        return orig(b, steer)
-    sw.process = spy
+def test_a_queues_deliveries_come_from_its_worker_outside_the_data_path_lock():
+    """The pipeline is serialised, the copies into a concurrent kind's ports are not:
+    a queue's frames reach its VM port from its worker without the switch's lock,
+    in order; a flooded frame (queue 0) reaches every port from the data-path
+    thread, with it."""
+    sw, mem, rec, up, vms, vmq, w, qs = _rig(name="vmqc")
     w.start()
     try:
-        frames = []
-        for k in range(300):
-            frames += [_frames(MACS[0], 1, b"A")[0], _frames(MACS[1], 1, b"B")[0],
-                       _frames(MACS[2], 1, b"C")[0]]
-        mem.inject(up, frames)
-        got = _drain(sw, mem, w, 16)
+        for k in range(20):                # many receives: batches recycled through the pool
+            mem.inject(up, _frames(MACS[0], 15, b"A") + _frames(MACS[1], 15, b"B")
+                       + _frames(MACS[2], 1, b"C"))
+            _drain(sw, mem, rec, (k + 1) * (30 + 3))
     finally:
         w.stop()
-    assert all(lane.full_drops == 0 for lane in w.lanes.values())
-    dst = {p.port_id: [Ether(f).dst for f in got.get(p.port_id, [])] for p in vms}
-    # C is unknown unicast: flooded to every VM port; A and B reach their owners only
-    assert sorted(dst[vms[0].port_id]) == sorted([MACS[0]] * 300 + [MACS[2]] * 300)
-    assert sorted(dst[vms[1].port_id]) == sorted([MACS[1]] * 300 + [MACS[2]] * 300)
-    assert dst[vms[2].port_id] == [MACS[2]] * 300          # flooded, unqueued
-    assert seen.get("vmq-vmqw-q1", 0) == 300 and seen.get("vmq-vmqw-q2", 0) == 300
+    assert len(rec.seen) == 20 * (30 + 3)
+    for pid, thread, held, frame in rec.seen:
+        dst = Ether(frame).dst
+        if dst == MACS[2]:                     # unknown unicast: flooded by the data path
+            assert held and not thread.startswith("vmq-"), (thread, held)
+        else:
+            assert pid == vms[MACS.index(dst)].port_id
+            assert thread == f"vmq-vmqc-q{qs[MACS.index(dst)]}" and not held, (thread, held)
+    for k in range(2):
+        got = [_seq(f) for f in rec.frames(vms[k])
+               if Ether(f).dst == MACS[k]]
+        assert got == list(range(15)) * 20
+    assert len(rec.frames(vms[2])) == 20
     info = {q["queue"]: q for q in vmq.info()}
     assert info[qs[0]]["packets"] == 300 and info[qs[1]]["packets"] == 300
-    assert info[0]["packets"] == 300
-
-
-def test_a_full_lane_drops_and_counts():
-    sw, mem, up, vms, vmq, w, qs = _rig(depth=1)
-    # workers not started: the one lane batch is taken and never comes back
-    mem.inject(up, _frames(MACS[0], 10, b"A"))
     sw.poll()
-    mem.inject(up, _frames(MACS[0], 10, b"A"))
-    sw.poll()
-    st = sw.stats()["ports"]["uplink"]
-    assert st["drops_in"].get(R.BUILTIN_REASONS[R.VMQ_FULL]) == 10
-    assert w.info()[qs[0]] == 10
-    assert w.lanes[qs[0]].ready.qsize() == 1
+    assert len(w.free) == len(w.pool) and not w.holds   # every batch came back
 
 
-def test_freeing_a_queue_with_frames_in_flight_sends_them_the_default_way():
-    sw, mem, up, vms, vmq, w, qs = _rig()
-    mem.inject(up, _frames(MACS[0], 20, b"A"))
-    sw.poll()                                  # handed to q1's lane, not yet switched
-    assert w.lanes[qs[0]].ready.qsize() == 1
-    vmq.free(qs[0])
+def test_big_frames_reach_the_worker_whole_and_in_order():
+    """A queue's share is handed over by reference to the received batch: nine
+    60000-byte frames and a small one behind them arrive whole and in order."""
+    sw, mem, rec, up, vms, vmq, w, qs = _rig()
+    frames = _frames(MACS[0], 9, b"A", size=60000) + _frames(MACS[0], 1, b"A")
+    frames[-1] = frames[-1][:43] + (9).to_bytes(4, "big") + frames[-1][47:]
     w.start()
     try:
-        got = _drain(sw, mem, w, 4)
+        mem.inject(up, frames)
+        _drain(sw, mem, rec, 10)
     finally:
         w.stop()
-    # unknown unicast now (no queue, empty FDB): flooded, never lost
-    assert len(got.get(vms[0].port_id, [])) == 20
-    assert len(got.get(vms[1].port_id, [])) == 20
-    assert len(got.get(vms[2].port_id, [])) == 20
+    assert rec.frames(vms[0]) == frames
+
+
+def test_full_queues_drop_and_count_and_what_was_handed_over_arrives_in_order():
+    sw, mem, rec, up, vms, vmq, w, qs = _rig(batches=2)
+    rec.gate.clear()                          # the workers stall in their first transmit
+    w.start()
+    try:
+        for k in range(3):
+            mem.inject(up, _frames(MACS[0], 10, bytes([65 + k])))
+            sw.poll()                         # the 3rd finds both batches held: full
+        st = sw.stats()["ports"]["vm0"]
+        assert st["drops_out"].get(R.BUILTIN_REASONS[R.VMQ_FULL]) == 10
+        assert w.info()[qs[0]] == 10
+        assert rec.frames(vms[0]) == []
+    finally:
+        rec.gate.set()
+        time.sleep(0.2)
+        w.stop()
+    got = rec.frames(vms[0])
+    assert [f[42] for f in got] == [65] * 10 + [66] * 10
+    assert [_seq(f) for f in got] == list(range(10)) * 2
+    sw.poll()                                 # takes the batches back
+    assert len(w.free) == 2 and not w.holds
+
+
+def test_a_queue_freed_while_its_deliveries_wait_loses_and_repeats_nothing():
+    """Deliveries handed to a worker were switched with the queue (to its port):
+    freeing the queue meanwhile does not take them back; frames after the free
+    are queue 0's (flooded: the FDB never saw the VM's MAC)."""
+    sw, mem, rec, up, vms, vmq, w, qs = _rig()
+    rec.gate.clear()
+    w.start()
+    try:
+        mem.inject(up, _frames(MACS[0], 20, b"A"))
+        sw.poll()
+        assert w.lanes[qs[0]].ready.qsize() == 1 or rec.seen == []
+        vmq.free(qs[0])
+        mem.inject(up, _frames(MACS[0], 20, b"B"))
+        sw.poll()
+        rec.gate.set()
+        _drain(sw, mem, rec, 20 + 3 * 20)
+    finally:
+        rec.gate.set()
+        w.stop()
+    a = [_seq(f) for f in rec.frames(vms[0]) if f[42] == ord("A")]
+    b = [_seq(f) for f in rec.frames(vms[0]) if f[42] == ord("B")]
+    assert a == list(range(20)) and b == list(range(20))
+    assert len(rec.frames(vms[1])) == 20 and len(rec.frames(vms[2])) == 20
+
+
+def test_a_port_is_deleted_only_after_its_handed_over_deliveries_are_sent():
+    """A.16 with workers: removing a VM's port waits for what its queue's worker
+    still holds, so none of it can reach a port that reuses the id."""
+    sw, mem, rec, up, vms, vmq, w, qs = _rig()
+    rec.gate.clear()
+    w.start()
+    done = threading.Event()
+    try:
+        mem.inject(up, _frames(MACS[0], 10, b"A"))
+        sw.poll()
+        t = threading.Thread(target=lambda: (sw.remove_port(vms[0]), done.set()))
+        t.start()
+        assert not done.wait(0.3)              # the worker still holds the deliveries
+        assert rec.frames(vms[0]) == []
+        rec.gate.set()
+        assert done.wait(10)
+        t.join()
+        assert [_seq(f) for f in rec.frames(vms[0])] == list(range(10))
+    finally:
+        rec.gate.set()
+        w.stop()
+
+
+def test_without_running_workers_the_data_path_sends_everything():
+    sw, mem, rec, up, vms, vmq, w, qs = _rig()
+    mem.inject(up, _frames(MACS[0], 10, b"A"))
+    sw.poll()
+    assert len(rec.frames(vms[0])) == 10
+    assert all(not t.startswith("vmq-") and held for _, t, held, _ in rec.seen)
 
 
 def test_loads_are_measured_for_the_dispatcher_and_the_workers():
-    sw, mem, up, vms, vmq, w, qs = _rig()
+    sw, mem, rec, up, vms, vmq, w, qs = _rig()
     w.start()
-
     peak = np.zeros(3)
 
     def datapath():
@@ -139,6 +232,8 @@ def test_loads_are_measured_for_the_dispatcher_and_the_workers():
             sw.poll()
             if not mem.pending():
                 mem.rewind()
+                with rec.lock:
+                    rec.seen.clear()
             np.maximum(peak, vmq.q_load, out=peak)
     try:
         mem.inject(up, _frames(MACS[0], 2000, b"A") + _frames(MACS[1], 2000, b"B"))
@@ -155,22 +250,13 @@ def test_loads_are_measured_for_the_dispatcher_and_the_workers():
 
 
 def test_a_queue_moved_to_another_cpu_while_frames_flow_loses_nothing():
-    """Dynamic VMQ moves a queue (rebalance) while its worker switches frames: the
-    worker re-pins itself and every frame still reaches the queue's port."""
+    """Dynamic VMQ moves a queue (rebalance) while its worker sends frames: the
+    worker re-pins itself and every frame still reaches the queue's port, in order."""
     cpus = sorted(os.sched_getaffinity(0))
-    sw = Switch("vmqm", max_ports=8)
-    mem = MemoryPorts(in_frames=8192, in_bytes=1 << 22, out_frames=16384, out_bytes=1 << 23)
-    up = sw.add_port("uplink", "external", kind=mem)
-    vm = sw.add_port("vm0", "synthetic", mac=MACS[0], kind=mem)
-    vmq = Vmq(1, port_id=up.port_id, cpus=cpus)
-    w = QueueWorkers(vmq, sw, depth=8, interval=0.05)
+    sw, mem, rec, up, vms, vmq, w, qs = _rig(queues=1, cpus=cpus, name="vmqm")
     vmq.dynamic = False                          # the test moves it by hand
-    mem.steer, mem.dispatch = vmq.steer, w.dispatch
-    q = vmq.allocate(vm.port_id, cpu=cpus[0])
-    vmq.set_filter(q, mac_to_int(MACS[0]))
-    vmq.complete(q)
+    q = qs[0]
     w.start()
-    got = 0
     try:
         for k in range(6):
             mem.inject(up, _frames(MACS[0], 500, bytes([65 + k])))
@@ -178,41 +264,46 @@ def test_a_queue_moved_to_another_cpu_while_frames_flow_loses_nothing():
                 vmq.q_load[0], vmq.q_load[q] = 0.1, 0.9
                 moves = vmq.rebalance(high=0.85, low=0.95)
                 assert moves == ([(q, cpus[0], cpus[1])] if len(cpus) > 1 else [])
-            out = _drain(sw, mem, w, 8)
-            got += len(out.get(vm.port_id, []))
+            _drain(sw, mem, rec, 500 * (k + 1))
     finally:
         w.stop()
-    assert got == 3000
+    got = rec.frames(vms[0])
+    assert [(f[42], _seq(f)) for f in got] == [(65 + k, s) for k in range(6) for s in range(500)]
     assert w.lanes[q].cpu == (cpus[1] if len(cpus) > 1 else cpus[0])
 
 
-def test_append_batch_keeps_order_offsets_and_refuses_what_does_not_fit():
-    from switch.batch import LEN, OFF, PacketBatch
-    from switch.vmq_workers import append_batch
-    a, b = PacketBatch(8, 4096), PacketBatch(8, 4096)
-    a.append_frames([bytes([1]) * 100, bytes([2]) * 60], src_port=1)
-    b.append_frames([bytes([3]) * 70, bytes([4]) * 1000], src_port=2)
-    n, cur = append_batch(a.meta, a.data, a.n, a.cursor, b.meta, b.data, b.n, b.cursor)
-    assert n == 4 and cur >= a.cursor + b.cursor
-    a.n, a.cursor = n, cur
-    assert [f[0] for f in a.frames()] == [1, 2, 3, 4]
-    assert [len(f) for f in a.frames()] == [100, 60, 70, 1000]
-    assert a.frames()[3] == bytes([4]) * 1000 and int(a.meta[OFF, 2]) >= 160
-    # Too many frames, or too many bytes: nothing moves.
-    big = PacketBatch(8, 4096)
-    big.append_frames([bytes([5]) * 60] * 5, src_port=2)
-    assert append_batch(a.meta, a.data, a.n, a.cursor, big.meta, big.data, big.n,
-                        big.cursor) == (a.n, a.cursor)
-    wide = PacketBatch(8, 8192)
-    wide.append_frames([bytes([6]) * 3000], src_port=2)
-    assert append_batch(a.meta, a.data, a.n, a.cursor, wide.meta, wide.data, wide.n,
-                        wide.cursor) == (a.n, a.cursor)
-    assert int(a.meta[LEN, 3]) == 1000
+def test_split_deliveries_takes_a_live_queues_own_port_deliveries_in_order():
+    b = PacketBatch(16, 4096)
+    meta = b.meta
+    # frame i: queue, queue's port
+    spec = [(1, 5), (0, 0), (1, 5), (2, 5), (1, 6), (3, 5), (1, 5), (2, 5)]
+    for i, (q, p) in enumerate(spec):
+        meta[QUEUE, i], meta[QPORT, i] = q, p
+    plan = np.zeros((2, 16), dtype=np.int64)
+    # port 5's span: every frame once, then an index outside the batch (left alone)
+    plan[0, 2:11] = list(range(8)) + [10 ** 6]
+    plan[1, 2:11] = np.arange(100, 109)
+    out = np.zeros((4, 2, 3), dtype=np.int64)     # room for 3 per queue
+    counts = np.zeros(4, dtype=np.int64)
+    live = np.array([0, 1, 1, 0], dtype=np.int64)  # queue 3 has no running worker
+    end = split_deliveries(meta, plan, 2, 11, 5, live, out, counts)
+    assert counts.tolist() == [0, 3, 2, 0]
+    assert out[1, 0, :3].tolist() == [0, 2, 6] and out[1, 1, :3].tolist() == [100, 102, 106]
+    assert out[2, 0, :2].tolist() == [3, 7]
+    # left, in order: queue 0, another port's queue, queue 3 (not live), the bad index
+    assert end == 2 + 4
+    assert plan[0, 2:end].tolist() == [1, 4, 5, 10 ** 6]
+    assert plan[1, 2:end].tolist() == [101, 104, 105, 108]
+    # a full share stays with the data path, in order
+    counts[:] = 0
+    plan[0, 0:4], plan[1, 0:4] = [0, 2, 6, 0], [1, 2, 3, 4]
+    end = split_deliveries(meta, plan, 0, 4, 5, live, np.zeros((4, 2, 2), np.int64), counts)
+    assert counts[1] == 2 and end == 2 and plan[1, 0:2].tolist() == [3, 4]
 
 
 def test_the_data_path_lock_is_handed_to_a_waiting_thread():
     """The data-path thread retakes the lock right after each batch; a thread waiting
-    for it (a queue's worker) gets in at the next hand-over, not whenever the
+    for it (a control operation) gets in at the next hand-over, not whenever the
     unfair lock happens to let it."""
     from switch.switch import DataPathLock
     lock = DataPathLock()

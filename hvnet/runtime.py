@@ -505,7 +505,11 @@ class Runtime:
             log.warning("switch %s: %s", spec.name, self.vmq_notes[spec.name])
             return
         from switch.vmq_workers import QueueWorkers
-        workers = cfg.get("workers", True)
+        workers = cfg.get("workers", "auto")
+        if workers == "auto":
+            # Measured on 2 CPUs shared with the guests (README, VMQ): queue workers
+            # only add hand-overs where no CPU is left for them.
+            workers = len(os.sched_getaffinity(0)) >= cfg["queues"] + 2
         vmq = Vmq(cfg["queues"], port_id=port.port_id, cpus=None if workers else [])
         vmq.dynamic = cfg.get("dynamic", True)
         self.vmqs[spec.name] = vmq

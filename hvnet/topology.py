@@ -20,8 +20,10 @@ what is wrong, and nothing is created from an invalid file)::
             queues: 4               #     queues besides the default queue (1-64)
             min_link_mbps: 10000    #     no VMQ on a slower link (Hyper-V's rule)
             dynamic: true           #     queues move between CPUs by load (default)
-            workers: true           #     a thread per queue (default); false: queues are
-                                    #     sorted but switched by the data-path thread
+            workers: auto           #     a thread per queue sending its deliveries: true,
+                                    #     false (the data-path thread sends all), or
+                                    #     auto (default): true with CPUs for the data
+                                    #     path, each queue and one more
           sriov:                    #   optional: the uplink is an SR-IOV NIC (PF, VFs and
             vfs: 4                  #     its embedded switch); VFs for NICs of kind sriov
     vms:
@@ -458,7 +460,9 @@ def parse(text: str, source: str = "<topology>") -> Topology:
                 v.integer(q.get("min_link_mbps", 10000), f"{w}.uplink.vmq.min_link_mbps",
                           0, 10**7)
                 v.boolean(q.get("dynamic", True), f"{w}.uplink.vmq.dynamic")
-                v.boolean(q.get("workers", True), f"{w}.uplink.vmq.workers")
+                wk = q.get("workers", "auto")
+                if not (wk == "auto" or isinstance(wk, bool)):
+                    v.fail(f"{w}.uplink.vmq.workers", f"expected true, false or auto, got {wk!r}")
                 uplink["vmq"] = q
             if "interface" in uplink:
                 i = uplink["interface"]

@@ -325,12 +325,18 @@ class Vmq:
 
     # ---- dynamic VMQ (3.2) --------------------------------------------------------
     def _least_loaded_cpu(self) -> int:
+        """Where a new queue starts: the least loaded CPU other than the default
+        queue's while there is another (the default queue's is the base processor
+        that Set-NetAdapterVmq's BaseProcessorNumber keeps the other queues off,
+        3.2), so a queue's deliveries do not wait for the data-path thread's CPU.
+        Dynamic VMQ may still move a queue there by measured load."""
         load = {c: 0.0 for c in self.cpus}
         for q in range(self.num_queues + 1):
             if q == 0 or self.q_state[q] != QueueState.UNDEFINED:
                 load[int(self.q_cpu[q])] = load.get(int(self.q_cpu[q]), 0.0) \
                     + float(self.q_load[q]) + 1e-3      # ties: fewest queues
-        return min(self.cpus, key=lambda c: (load[c], c))
+        pool = [c for c in self.cpus if c != int(self.q_cpu[0])] or self.cpus
+        return min(pool, key=lambda c: (load[c], c))
 
     def rebalance(self, high: float = 0.85, low: float = 0.5) -> list[tuple[int, int, int]]:
         """Move queues off overloaded CPUs; returns the moves (queue, from, to).

@@ -2,7 +2,9 @@
 by weight, first come first served; frames from the physical network sorted to
 their VM's queue and worker; VMMQ spreading one VM's flows by Toeplitz over its
 queues; the indirection table changed while a checked TCP stream runs; queues
-given back when the VM goes."""
+given back when the VM goes. a and b are synthetic VMs with queue workers, so
+their queues' deliveries go into NetVSP's rings from the workers, beside the
+data-path thread's (two workers at once into b's, VMMQ), and b goes while they run."""
 from __future__ import annotations
 
 import json
@@ -22,11 +24,12 @@ NAME = f"q{os.getpid() % 10000}"
 TOPO = f"""
 name: {NAME}
 switches:
-  sw0: {{uplink: {{mtu: 1500, vmq: {{queues: 3}}}}}}
+  sw0: {{uplink: {{mtu: 1500, vmq: {{queues: 3, workers: true}}}}}}
 vms:
-  a: {{nics: [{{switch: sw0, kind: tap, mac: "02:00:00:71:00:0a", addresses: [10.71.0.1/24]}}]}}
-  b: {{nics: [{{switch: sw0, kind: tap, mac: "02:00:00:71:00:0b", addresses: [10.71.0.2/24],
-              vmq: {{queues: 2}}}}]}}
+  a: {{nics: [{{switch: sw0, kind: synthetic, mac: "02:00:00:71:00:0a",
+               addresses: [10.71.0.1/24]}}]}}
+  b: {{nics: [{{switch: sw0, kind: synthetic, mac: "02:00:00:71:00:0b",
+               addresses: [10.71.0.2/24], vmq: {{queues: 2}}}}]}}
   c: {{nics: [{{switch: sw0, kind: tap, mac: "02:00:00:71:00:0c", addresses: [10.71.0.3/24],
               vmq: {{weight: 0}}}}]}}
   d: {{nics: [{{switch: sw0, kind: synthetic, mac: "02:00:00:71:00:0d",

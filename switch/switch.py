@@ -211,7 +211,8 @@ class Switch:
         self._raise_later: list[Exception] = []
         self._dp_lock = DataPathLock()
         # Takes the deliveries of steered frames to send on other threads (VMQ queue
-        # workers, switch/vmq_workers.py), or None: take_batch, put_batch, offload.
+        # workers, switch/vmq_workers.py), or None: take_batch, put_batch, offload,
+        # flush, drain.
         self.offload = None
         # Inside ``Switch.run``: the descriptors its last epoll found readable, for
         # the poll right after it (empty for the polls after that), so a kind may
@@ -575,6 +576,8 @@ class Switch:
                 finally:
                     if off is not None:
                         off.put_batch(b)
+                        if not b.n:
+                            off.flush()       # the ring ran dry: nothing more to add
             self._dp_lock.hand_over()
         return got
 

@@ -12,6 +12,9 @@ queue's CPU. That copy, with the guest's interrupt, is most of what a received
 frame costs the host, and a worker does it without the switch's data-path lock
 (``PortKind.concurrent``: the kind serialises each port itself).
 
+Shares are handed over four at a time, or when the uplink's ring runs dry, so a
+worker is woken once per burst rather than once per batch.
+
 Nothing is copied to hand it over: the data-path thread receives into one of
 ``batches`` batches of its own, and a batch goes back to the free ones when
 every worker that had a share of it is done. With none free for ``wait_s``
@@ -41,6 +44,9 @@ from .delivery import tx_failed_span
 from .kernel import kernel
 
 log = logging.getLogger("hvnet.vmq")
+# Shares handed to a worker at once: each hand-over wakes a thread, which costs
+# as much as a share's copy here; the rest go when the uplink's ring runs dry.
+HAND_OVER_AT = 4
 
 
 @kernel
@@ -78,6 +84,7 @@ class _Lane:
         self.full_drops = 0
         self.cpu = -1
         self.span = np.zeros((max_ports + 1, 2), dtype=np.int64)   # the worker's, one row set
+        self.pending: list = []           # shares not yet handed over (HAND_OVER_AT)
 
 
 class QueueWorkers:
@@ -131,6 +138,8 @@ class QueueWorkers:
         if me == self.dispatcher:
             self._pin_dispatcher()
         self._settle()
+        if not self.free:
+            self.flush()
         if not self.free and self.lanes and not self.stop_event.is_set():
             deadline = time.monotonic() + self.wait_s
             while not self.free:
@@ -185,11 +194,25 @@ class QueueWorkers:
                     lane.full_drops += m
                     continue
                 self.holds[id(batch)] += 1
-                lane.ready.put((batch, sub, pid, kind))
+                lane.pending.append((batch, sub, pid, kind))
+                if len(lane.pending) >= HAND_OVER_AT:
+                    self._hand_over(lane)
+
+    def _hand_over(self, lane: _Lane) -> None:
+        lane.ready.put(lane.pending)
+        lane.pending = []
+
+    def flush(self) -> None:
+        """Hand over what waits for more (the uplink's ring ran dry, or a batch is
+        needed back)."""
+        for lane in self.lanes.values():
+            if lane.pending:
+                self._hand_over(lane)
 
     def drain(self, timeout_s: float = 5.0) -> bool:
         """Wait until every worker has sent what was handed to it so far (a port is
         deleted only after its in-flight packets, A.16, and its id may be reused)."""
+        self.flush()
         marks = []
         for lane in self.lanes.values():
             if lane.thread is not None and lane.thread.is_alive():
@@ -236,19 +259,19 @@ class QueueWorkers:
             if isinstance(item, threading.Event):    # drain(): all before it is sent
                 item.set()
                 continue
-            batch, sub, pid, kind = item
             cpu = int(q_cpu[lane.q])
             if cpu != lane.cpu:
                 _pin(cpu)
                 lane.cpu = cpu
-            span[pid, 0], span[pid, 1] = 0, sub.shape[1]
-            try:
-                kind.transmit(batch, sub, span)
-            except Exception:                 # reported, and the queue keeps running
-                log.exception("VMQ queue %d: delivering a batch failed", lane.q)
-            finally:
-                span[pid, 1] = 0
-                self.returns.put(batch)
+            for batch, sub, pid, kind in item:
+                span[pid, 0], span[pid, 1] = 0, sub.shape[1]
+                try:
+                    kind.transmit(batch, sub, span)
+                except Exception:             # reported, and the queue keeps running
+                    log.exception("VMQ queue %d: delivering a batch failed", lane.q)
+                finally:
+                    span[pid, 1] = 0
+                    self.returns.put(batch)
 
     # ---- dynamic VMQ ---------------------------------------------------------------
     def _cpu_time(self, ident) -> float | None:

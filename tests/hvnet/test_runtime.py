@@ -347,7 +347,10 @@ def test_uplink_without_offloads_segments_in_the_switch(tmp_path):
                 nsexec.stop(rx)
         st = json.loads(hvnet(env, "stats", "--json", check=True).stdout)["sw0"]["ports"]
         host, up = st["host.vEth-sw0"], st["sw0.uplink"]
-        assert host["rx_bytes"] / host["rx_packets"] > 3000          # super-packets in
+        # super-packets in: an average above a full frame needs some. (Not more: TCP
+        # sizes its GSO segments by its pacing rate, smaller on a loaded machine;
+        # a run beside another test suite averaged 2500 bytes.)
+        assert host["rx_bytes"] / host["rx_packets"] > 1514
         # ...and MTU frames out: the switch segmented them (counters count what the
         # switch delivered, before segmentation, so look at the wire's own counter)
         with NetNS(here("nas")) as nl:

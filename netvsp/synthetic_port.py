@@ -199,8 +199,10 @@ class SyntheticPorts(PortKind):
                               LINUX_HASHINFO, np.zeros(128, np.int64), 2, *vrss.scratch(4, 2))
 
     def fds(self) -> list[int]:
-        return ([fd for dev in self.devices.values() for fd in dev.fds()]
-                + [srv.port.fileno() for srv in self.servers.values()])
+        # Called outside the data-path lock, and a device's fds() waits for its lock
+        # (a VMQ worker's transmit): the control path may add or remove ports meanwhile.
+        return ([fd for dev in list(self.devices.values()) for fd in dev.fds()]
+                + [srv.port.fileno() for srv in list(self.servers.values())])
 
     def _channel_data(self, pid: int):
         """The data path's view of the port's channel, or None while the channel is

@@ -212,7 +212,7 @@ class Switch:
         self._dp_lock = DataPathLock()
         # Takes the deliveries of steered frames to send on other threads (VMQ queue
         # workers, switch/vmq_workers.py), or None: take_batch, put_batch, offload,
-        # flush, drain.
+        # flush, port_gone.
         self.offload = None
         # Inside ``Switch.run``: the descriptors its last epoll found readable, for
         # the poll right after it (empty for the polls after that), so a kind may
@@ -613,7 +613,10 @@ class Switch:
                 per_kind = [k.fds() for k in self.kinds]
                 fds = {fd for kfds in per_kind for fd in kfds}
                 for fd in fds - waited:
-                    ep.register(fd, select.EPOLLIN)
+                    try:
+                        ep.register(fd, select.EPOLLIN)
+                    except (OSError, ValueError):   # closed since the kind listed it
+                        fds.discard(fd)
                 for fd in waited - fds:
                     try:
                         ep.unregister(fd)
@@ -785,7 +788,7 @@ class Switch:
                                    "an extension (A.20)")
         with self._dp_lock:          # waits for the batch in flight, if any
             if self.offload is not None:
-                self.offload.drain()  # and for deliveries handed to VMQ workers (A.16)
+                self.offload.port_gone(p.port_id)   # and VMQ workers' deliveries (A.16)
             self._oid(Oid.PORT_DELETE, p)
             p.state = PortState.DELETED
             del self.ports[p.port_id]

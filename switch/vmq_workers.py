@@ -12,8 +12,9 @@ queue's CPU. That copy, with the guest's interrupt, is most of what a received
 frame costs the host, and a worker does it without the switch's data-path lock
 (``PortKind.concurrent``: the kind serialises each port itself).
 
-Shares are handed over four at a time, or when the uplink's ring runs dry, so a
-worker is woken once per burst rather than once per batch.
+Shares are handed over four at a time, or as soon as a batch brings the queue
+nothing more or the uplink's ring runs dry: a worker is woken once per burst
+rather than once per batch, and no share waits on other queues' traffic.
 
 Nothing is copied to hand it over: the data-path thread receives into one of
 ``batches`` batches of its own, and a batch goes back to the free ones when
@@ -22,6 +23,9 @@ every worker that had a share of it is done. With none free for ``wait_s``
 queues' deliveries in it are dropped and counted (VMQ_FULL), as a NIC drops on a
 full queue; delivering them from here would reorder the queues' flows. A frame
 whose queue went away before it was steered is queue 0's (checklist 34).
+Deleting a port (``port_gone``) waits for a share being sent to it; shares for it
+not yet started are dropped and counted when their worker reaches them, so none
+reaches the port that reuses the id (A.16).
 
 Load (3.2) is each thread's CPU time per interval, read from its CPU clock; the
 balancer calls ``Vmq.rebalance`` every ``interval`` seconds when the VMQ is
@@ -85,6 +89,9 @@ class _Lane:
         self.cpu = -1
         self.span = np.zeros((max_ports + 1, 2), dtype=np.int64)   # the worker's, one row set
         self.pending: list = []           # shares not yet handed over (HAND_OVER_AT)
+        # Held while the worker checks and sends one share: port_gone() takes it, so
+        # a share is never sent to a port deleted after the check.
+        self.busy = threading.Lock()
 
 
 class QueueWorkers:
@@ -104,8 +111,12 @@ class QueueWorkers:
         self._live = np.zeros(vmq.num_queues + 1, dtype=np.int64)
         split_deliveries(self.pool[0].meta, switch._plan.plan, 0, 0, 0, self._live, self._out,
                          self._counts)                                  # compiled now
+        self.epoch = 0                              # port_gone() calls so far
+        self.gone: dict[int, int] = {}              # port id -> epoch it was deleted in
+        self._touched: set[int] = set()             # queues given shares of this batch
         self.stop_event = threading.Event()
         self.dispatcher: int | None = None          # the data-path thread's ident
+        self._dispatcher_thread: threading.Thread | None = None
         self._balancer: threading.Thread | None = None
         self._pinned_dispatcher = -1
         switch.offload = self
@@ -134,6 +145,7 @@ class QueueWorkers:
         me = threading.get_ident()
         if me != self.dispatcher and threading.current_thread() is not threading.main_thread():
             self.dispatcher = me              # the data-path thread (not warm()'s caller)
+            self._dispatcher_thread = threading.current_thread()
             self._pinned_dispatcher = -1
         if me == self.dispatcher:
             self._pin_dispatcher()
@@ -157,9 +169,15 @@ class QueueWorkers:
         return b
 
     def put_batch(self, b) -> None:
-        """The data-path thread is done with ``b``; it is free once the workers are."""
+        """The data-path thread is done with ``b``; it is free once the workers are.
+        A lane that got nothing from it hands over what it has: shares wait only
+        while more of their queue's keep coming."""
         if id(b) in self.holds:
             self._release(b)
+        for q, lane in self.lanes.items():
+            if lane.pending and q not in self._touched:
+                self._hand_over(lane)
+        self._touched.clear()
 
     def offload(self, batch, plan, span) -> None:
         """Hand each queue's share of its port's deliveries to the queue's worker
@@ -168,8 +186,9 @@ class QueueWorkers:
         vmq = self.vmq
         live = self._live
         live[:] = 0
+        stopping = self.stop_event.is_set()
         for q, lane in self.lanes.items():
-            live[q] = lane.thread is not None and not self.stop_event.is_set()
+            live[q] = not stopping and lane.thread is not None and lane.thread.is_alive()
         if not live.any():
             return                                # no workers: the data path sends all
         owned = id(batch) in self.holds
@@ -194,7 +213,8 @@ class QueueWorkers:
                     lane.full_drops += m
                     continue
                 self.holds[id(batch)] += 1
-                lane.pending.append((batch, sub, pid, kind))
+                lane.pending.append((batch, sub, pid, kind, self.epoch))
+                self._touched.add(q)
                 if len(lane.pending) >= HAND_OVER_AT:
                     self._hand_over(lane)
 
@@ -209,21 +229,22 @@ class QueueWorkers:
             if lane.pending:
                 self._hand_over(lane)
 
-    def drain(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every worker has sent what was handed to it so far (a port is
-        deleted only after its in-flight packets, A.16, and its id may be reused)."""
+    def port_gone(self, pid: int) -> None:
+        """Port ``pid`` is being deleted (under the data-path lock): a share for it
+        that a worker is sending now finishes first, and none handed over before
+        is sent after, whenever its worker gets to it; they are dropped and counted
+        instead. Port ids are reused, so without this a late share could reach the
+        VM that gets the id next (A.16: no packets for a deleted port)."""
         self.flush()
-        marks = []
-        for lane in self.lanes.values():
-            if lane.thread is not None and lane.thread.is_alive():
-                ev = threading.Event()
-                lane.ready.put(ev)
-                marks.append(ev)
-        deadline = time.monotonic() + timeout_s
-        ok = all(ev.wait(max(0.0, deadline - time.monotonic())) for ev in marks)
-        if not ok:
-            log.error("VMQ: a queue worker did not drain in %.0f s", timeout_s)
-        return ok
+        busy = [lane.busy for lane in self.lanes.values()]
+        for lk in busy:
+            lk.acquire()
+        try:
+            self.gone[pid] = self.epoch
+            self.epoch += 1
+        finally:
+            for lk in busy:
+                lk.release()
 
     def _pin_dispatcher(self) -> None:
         cpu = int(self.vmq.q_cpu[0])
@@ -256,17 +277,19 @@ class QueueWorkers:
             item = lane.ready.get()
             if item is None:
                 break
-            if isinstance(item, threading.Event):    # drain(): all before it is sent
-                item.set()
-                continue
             cpu = int(q_cpu[lane.q])
             if cpu != lane.cpu:
                 _pin(cpu)
                 lane.cpu = cpu
-            for batch, sub, pid, kind in item:
+            for batch, sub, pid, kind, epoch in item:
                 span[pid, 0], span[pid, 1] = 0, sub.shape[1]
                 try:
-                    kind.transmit(batch, sub, span)
+                    with lane.busy:
+                        if epoch <= self.gone.get(pid, -1):     # deleted since: not its
+                            tx_failed_span(self.switch.counters.table, pid, batch.meta, sub,
+                                           0, sub.shape[1], R.DEST_NOT_CONNECTED)
+                        else:
+                            kind.transmit(batch, sub, span)
                 except Exception:             # reported, and the queue keeps running
                     log.exception("VMQ queue %d: delivering a batch failed", lane.q)
                 finally:
@@ -287,9 +310,12 @@ class QueueWorkers:
             now = time.monotonic()
             dt = max(now - t0, 1e-3)
             t0 = now
-            threads = {q: lane.thread.ident for q, lane in self.lanes.items() if lane.thread}
-            if self.dispatcher is not None:
-                threads[0] = self.dispatcher
+            # Only threads alive now: the CPU clock of an ended thread's id is undefined.
+            threads = {q: lane.thread.ident for q, lane in self.lanes.items()
+                       if lane.thread is not None and lane.thread.is_alive()}
+            d = self._dispatcher_thread
+            if d is not None and d.is_alive():
+                threads[0] = d.ident
             for q, ident in threads.items():
                 c = self._cpu_time(ident)
                 if c is None:

@@ -36,10 +36,12 @@ class _Recording(PortKind):
         self.seen: list[tuple[int, str, bool, bytes]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()       # a queue worker reached its transmit
 
     def transmit(self, batch, plan, span) -> None:
         held = self.switch._dp_lock._lock._is_owned()
         if threading.current_thread().name.startswith("vmq-"):
+            self.entered.set()
             self.gate.wait(30)
         with self.lock:
             for pid in self.port_ids.tolist():
@@ -190,9 +192,9 @@ def test_a_queue_freed_while_its_deliveries_wait_loses_and_repeats_nothing():
     assert len(rec.frames(vms[1])) == 20 and len(rec.frames(vms[2])) == 20
 
 
-def test_a_port_is_deleted_only_after_its_handed_over_deliveries_are_sent():
-    """A.16 with workers: removing a VM's port waits for what its queue's worker
-    still holds, so none of it can reach a port that reuses the id."""
+def test_a_port_is_deleted_only_after_the_delivery_in_progress_to_it():
+    """A.16 with workers: removing a VM's port waits for a worker that is copying
+    into it; the copy completes."""
     sw, mem, rec, up, vms, vmq, w, qs = _rig()
     rec.gate.clear()
     w.start()
@@ -200,10 +202,11 @@ def test_a_port_is_deleted_only_after_its_handed_over_deliveries_are_sent():
     try:
         mem.inject(up, _frames(MACS[0], 10, b"A"))
         sw.poll()
+        sw.poll()                              # the ring ran dry: handed over
+        assert rec.entered.wait(5)             # the worker is inside its transmit
         t = threading.Thread(target=lambda: (sw.remove_port(vms[0]), done.set()))
         t.start()
-        assert not done.wait(0.3)              # the worker still holds the deliveries
-        assert rec.frames(vms[0]) == []
+        assert not done.wait(0.3)
         rec.gate.set()
         assert done.wait(10)
         t.join()
@@ -211,6 +214,47 @@ def test_a_port_is_deleted_only_after_its_handed_over_deliveries_are_sent():
     finally:
         rec.gate.set()
         w.stop()
+
+
+def test_a_deleted_ports_queued_deliveries_never_reach_the_port_that_reuses_its_id():
+    """A share handed over but not yet started when its port is deleted is dropped
+    and counted, whenever its worker gets to it; the next port takes the lowest
+    free id, the same, and must not get it."""
+    sw, mem, rec, up, vms, vmq, w, qs = _rig()
+    rec.gate.clear()
+    w.start()
+    cut = []
+    try:
+        mem.inject(up, _frames(MACS[0], 5, b"A"))
+        sw.poll()
+        sw.poll()
+        assert rec.entered.wait(5)             # the first share is being sent ...
+        mem.inject(up, _frames(MACS[0], 5, b"B"))
+        sw.poll()
+        sw.poll()                              # ... the second waits behind it
+
+        def replace():
+            sw.remove_port(vms[0])
+            with rec.lock:
+                cut.append(len(rec.seen))
+            cut.append(sw.add_port("vmN", "synthetic", mac="02:00:00:00:0d:01", kind=rec))
+        t = threading.Thread(target=replace)
+        t.start()
+        time.sleep(0.3)
+        rec.gate.set()
+        t.join(10)
+        assert not t.is_alive()
+        new = cut[1]
+        assert new.port_id == vms[0].port_id
+        for _ in range(50):                    # let the worker reach the second share
+            sw.poll()
+            time.sleep(0.005)
+    finally:
+        rec.gate.set()
+        w.stop()
+    before, after = rec.seen[:cut[0]], rec.seen[cut[0]:]
+    assert [f[42] for p, _, _, f in before if p == new.port_id][:5] == [ord("A")] * 5
+    assert not [f for p, _, _, f in after if p == new.port_id]
 
 
 def test_without_running_workers_the_data_path_sends_everything():

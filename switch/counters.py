@@ -9,6 +9,8 @@ also summed as "extension dropped", as the switch's performance counters do
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 MAX_REASONS = 256
@@ -99,10 +101,16 @@ SWITCH_COUNTER_NAMES = ("learned_macs", "purged_macs", "flooded_packets", "mac_m
 
 
 class Counters:
-    """All counters of one switch, as arrays the kernels update in place."""
+    """All counters of one switch, as arrays the kernels update in place.
+
+    A thread that counts beside the data-path thread (a VMQ queue's worker) counts
+    in a table of its own (``use_private``), as NDIS keeps counters per processor:
+    two threads adding to one cell can lose a count. Readers sum the tables."""
 
     def __init__(self, max_ports: int):
         self.table = np.zeros((max_ports + 1, NCOLS), dtype=np.int64)
+        self.private: list[np.ndarray] = []
+        self._here = threading.local()
         self.port = self.table[:, :NPORTCOUNTERS]
         self.drop_in = self.table[:, DROP_IN_BASE:DROP_OUT_BASE]
         self.drop_out = self.table[:, DROP_OUT_BASE:]
@@ -128,13 +136,31 @@ class Counters:
         owner = self.reason_owner.get(code)
         return f"{owner}: {text}" if owner else text
 
+    def use_private(self) -> np.ndarray:
+        """Give the calling thread a table of its own; ``here`` returns it there."""
+        t = np.zeros_like(self.table)
+        self.private.append(t)
+        self._here.table = t
+        return t
+
+    def here(self) -> np.ndarray:
+        """The table the calling thread counts in."""
+        return getattr(self._here, "table", self.table)
+
+    def row(self, port_id: int) -> np.ndarray:
+        """One port's counters, every thread's table summed."""
+        r = self.table[port_id].copy()
+        for t in self.private:
+            r += t[port_id]
+        return r
+
     def port_dict(self, port_id: int) -> dict:
-        row = self.port[port_id]
+        row = self.row(port_id)
         out = {name: int(row[k]) for k, name in enumerate(PORT_COUNTER_NAMES)}
         out["drops_in"] = {self.reason_text(c): int(v) for c, v in
-                           enumerate(self.drop_in[port_id]) if v}
+                           enumerate(row[DROP_IN_BASE:DROP_OUT_BASE]) if v}
         out["drops_out"] = {self.reason_text(c): int(v) for c, v in
-                            enumerate(self.drop_out[port_id]) if v}
+                            enumerate(row[DROP_OUT_BASE:]) if v}
         return out
 
     def switch_dict(self) -> dict:
@@ -142,3 +168,5 @@ class Counters:
 
     def clear_port(self, port_id: int) -> None:
         self.table[port_id] = 0
+        for t in self.private:
+            t[port_id] = 0

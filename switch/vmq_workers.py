@@ -273,6 +273,7 @@ class QueueWorkers:
     def _work(self, lane: _Lane) -> None:
         q_cpu = self.vmq.q_cpu
         span = lane.span
+        ctr = self.switch.counters.use_private()  # counted beside the data-path thread
         while True:
             item = lane.ready.get()
             if item is None:
@@ -286,8 +287,8 @@ class QueueWorkers:
                 try:
                     with lane.busy:
                         if epoch <= self.gone.get(pid, -1):     # deleted since: not its
-                            tx_failed_span(self.switch.counters.table, pid, batch.meta, sub,
-                                           0, sub.shape[1], R.DEST_NOT_CONNECTED)
+                            tx_failed_span(ctr, pid, batch.meta, sub, 0, sub.shape[1],
+                                           R.DEST_NOT_CONNECTED)
                         else:
                             kind.transmit(batch, sub, span)
                 except Exception:             # reported, and the queue keeps running

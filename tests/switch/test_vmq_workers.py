@@ -376,3 +376,42 @@ def test_the_data_path_lock_is_handed_to_a_waiting_thread():
     # The waiter first needs the GIL (up to 10 rounds: Python's 5 ms switch interval);
     # without the hand-over it was seen kept out for all 300 rounds.
     assert got_in and got_in[0] < 40 and lock.waiting == 0
+
+
+def test_a_workers_counts_go_to_a_table_of_its_own_and_stats_sum_them():
+    """Two threads adding to one counter cell can lose a count: a worker counts in
+    its own table (Counters.use_private) and stats show the sum."""
+    from switch.delivery import tx_failed_span
+
+    class _Full(_Recording):
+        def transmit(self, batch, plan, span) -> None:
+            super().transmit(batch, plan, span)
+            ctr = self.switch.counters.here()
+            for pid in self.port_ids.tolist():
+                tx_failed_span(ctr, pid, batch.meta, plan, int(span[pid, 0]),
+                               int(span[pid, 1]), R.TX_FULL)
+
+    sw = Switch("vmqn", max_ports=8)
+    mem = MemoryPorts(in_frames=1024, in_bytes=1 << 20, out_frames=1024, out_bytes=1 << 20)
+    rec = sw.add_kind(_Full())
+    up = sw.add_port("uplink", "external", kind=mem)
+    vm = sw.add_port("vm0", "synthetic", mac=MACS[0], kind=rec)
+    vmq = Vmq(1, port_id=up.port_id, cpus=[0])
+    w = QueueWorkers(vmq, sw, interval=0.2)
+    mem.steer = vmq.steer
+    q = vmq.allocate(vm.port_id, cpu=0)
+    vmq.set_filter(q, mac_to_int(MACS[0]))
+    vmq.complete(q)
+    w.start()
+    try:
+        mem.inject(up, _frames(MACS[0], 30, b"A"))
+        _drain(sw, mem, rec, 30)
+        time.sleep(0.05)
+    finally:
+        w.stop()
+    assert all(t == "vmq-vmqn-q1" for _, t, _, _ in rec.seen)
+    reason = R.BUILTIN_REASONS[R.TX_FULL]
+    assert sw.stats()["ports"]["vm0"]["drops_out"].get(reason) == 30
+    col = R.DROP_OUT_BASE + R.TX_FULL
+    assert sw.counters.table[vm.port_id, col] == 0
+    assert [int(t[vm.port_id, col]) for t in sw.counters.private] == [30]

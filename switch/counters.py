@@ -111,6 +111,7 @@ class Counters:
         self.table = np.zeros((max_ports + 1, NCOLS), dtype=np.int64)
         self.private: list[np.ndarray] = []
         self._here = threading.local()
+        # views of the data-path thread's table only (its own kernels and benches)
         self.port = self.table[:, :NPORTCOUNTERS]
         self.drop_in = self.table[:, DROP_IN_BASE:DROP_OUT_BASE]
         self.drop_out = self.table[:, DROP_OUT_BASE:]

@@ -21,7 +21,8 @@ import os
 import numpy as np
 
 from switch.afpacket import PacketRingPorts, ring_transmit
-from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, F_CSUM_PARTIAL, F_CSUM_VALID, F_VLAN,
+from switch.batch import (ALIGN, CSUM_OFF, CSUM_START, D_TAG_SHIFT, D_TAGGED, F_CSUM_PARTIAL,
+                          F_CSUM_VALID, F_VLAN,
                           FLAGS, GSO_SIZE, GSO_TYPE, LEN, NFIELDS, OFF, ROW_PAD, TCI,
                           PacketBatch, copy_bytes, init_packet)
 from switch.kernel import kernel
@@ -41,6 +42,23 @@ def keep_marked(meta, n, dest, bit):
                     meta[f, k] = meta[f, i]
             k += 1
     return k
+
+
+@kernel
+def egress_tags(meta, n0, n, plan, j0):
+    """Frames ``n0..n`` of a batch, appended from the deliveries ``plan[:, j0:]``:
+    their 802.1Q tag becomes the one the switch decided on (D_TAGGED in the
+    delivery word: the VLAN modes, vswitch_vmq_sriov.md 2.3), else none; out of
+    band, as the embedded switch and the wire take it."""
+    for k in range(n - n0):
+        d = plan[1, j0 + k]
+        i = n0 + k
+        if d & D_TAGGED:
+            meta[FLAGS, i] |= F_VLAN
+            meta[TCI, i] = (d >> D_TAG_SHIFT) & 0xFFFF
+        else:
+            meta[FLAGS, i] &= ~F_VLAN
+            meta[TCI, i] = 0
 
 
 @kernel
@@ -125,7 +143,10 @@ class SriovUplinkPorts(PacketRingPorts):
         k = len(idx)
         plan = np.zeros((2, k), np.int64)
         plan[0] = idx
-        plan[1] = q
+        # a tag carried out of band goes back on the wire (the ring writes it)
+        tagged = (b.meta[FLAGS, idx] & F_VLAN) != 0
+        plan[1] = q | np.where(tagged, D_TAGGED | ((b.meta[TCI, idx] & 0xFFFF) << D_TAG_SHIFT),
+                               0)
         span = np.zeros((int(self.port_ids.max()) + 1, 2), np.int64)   # every id it reads
         span[q] = (0, k)
         ring_transmit(b.meta, b.data, plan, span, self.port_ids, self.fd_array, self.rings,
@@ -143,5 +164,6 @@ class SriovUplinkPorts(PacketRingPorts):
         idx = plan[0, span[q, 0]:span[q, 1]]
         side.n, side.cursor = append_frames(side.meta, side.data, 0, 0, batch.meta,
                                             batch.data, idx, q)
+        egress_tags(side.meta, 0, side.n, plan, span[q, 0])
         if side.n:
             self.nic.from_pf(side)                 # VFs get theirs, the wire the rest

@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from scapy.all import IP, UDP, Ether, raw
+from scapy.all import IP, UDP, Dot1Q, Ether, raw
 
 from sriov.eswitch import DEFAULT_VPORT
 from sriov.ixgbevf import VfPolicy
@@ -150,3 +150,32 @@ def test_the_nic_switches_between_wire_vf_and_pf(rig):
     seen = []
     _poll_until(sw, lambda: _vf_frames(drv, got, seen) >= 1, "VM to VF")
     assert seen == [back]
+
+
+def test_a_tag_the_switch_puts_on_a_frame_for_the_wire_reaches_the_wire(rig):
+    """The switch tags a frame from an access-VLAN port on the way to a trunk uplink
+    (D_TAGGED in its delivery): through the PF and the embedded switch the frame
+    reaches the wire with that tag; a frame of the trunk's native VLAN untagged."""
+    from switch.properties import VlanProperty
+    from tests.switch.test_afpacket import PACKET_AUXDATA, SOL_PACKET, peer_receive
+    sw, mem, vm, drv, peer = rig
+    up = sw._port("uplink")
+    peer.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+    sw.add_port_property(up, VlanProperty("trunk", native_vlan=0, allowed=(10,)))
+    sw.add_port_property(vm, VlanProperty("access", access_vlan=10))
+    vm_mac = bytes.fromhex(VM_MAC.replace(":", ""))
+    sent = [frame(VM_MAC, HOST_MAC, 200 + k) for k in range(3)]
+    mem.inject(vm, sent)
+    for _ in range(20):
+        sw.poll()
+    got = peer_receive(peer, 3, keep=lambda f: f[6:12] == vm_mac)
+    assert len(got) == 3
+    for f, s in zip(got, sent):
+        assert Ether(f)[Dot1Q].vlan == 10
+        assert f[:12] + f[16:] == s                  # the tag inserted, the rest intact
+    sw.update_port_property(vm, VlanProperty("access", access_vlan=0))
+    mem.inject(vm, sent[:1])
+    for _ in range(20):
+        sw.poll()
+    [f] = peer_receive(peer, 1, keep=lambda f: f[6:12] == vm_mac)
+    assert f == sent[0]                              # the native VLAN: untagged

@@ -712,9 +712,9 @@ def ours(f: bytes) -> bool:
     return f[6:11] == b"\x02\x00\x00\x00\xaa"       # not the stacks' IPv6 chatter
 
 
-def peer_receive(s, want: int, timeout=5.0) -> list[bytes]:
+def peer_receive(s, want: int, timeout=5.0, keep=ours) -> list[bytes]:
     """Frames arriving on the peer, on the wire form: a tag the kernel took out of
-    the frame (PACKET_AUXDATA) is put back."""
+    the frame (PACKET_AUXDATA) is put back. Only those ``keep`` takes count."""
     out, deadline = [], time.monotonic() + timeout
     while len(out) < want and time.monotonic() < deadline:
         try:
@@ -729,7 +729,7 @@ def peer_receive(s, want: int, timeout=5.0) -> list[bytes]:
                 if st & VLAN_VALID:
                     tp = tpid if st & TPID_VALID else 0x8100
                     data = data[:12] + struct.pack("!HH", tp, tci) + data[12:]
-        if ours(data):
+        if keep(data):
             out.append(data)
     return out
 

@@ -45,14 +45,13 @@ def keep_marked(meta, n, dest, bit):
 
 
 @kernel
-def egress_tags(meta, n0, n, plan, j0):
-    """Frames ``n0..n`` of a batch, appended from the deliveries ``plan[:, j0:]``:
+def egress_tags(meta, n, plan, j0):
+    """Frames ``0..n`` of a batch, copied from the deliveries ``plan[:, j0:]``:
     their 802.1Q tag becomes the one the switch decided on (D_TAGGED in the
     delivery word: the VLAN modes, vswitch_vmq_sriov.md 2.3), else none; out of
     band, as the embedded switch and the wire take it."""
-    for k in range(n - n0):
-        d = plan[1, j0 + k]
-        i = n0 + k
+    for i in range(n):
+        d = plan[1, j0 + i]
         if d & D_TAGGED:
             meta[FLAGS, i] |= F_VLAN
             meta[TCI, i] = (d >> D_TAG_SHIFT) & 0xFFFF
@@ -164,6 +163,6 @@ class SriovUplinkPorts(PacketRingPorts):
         idx = plan[0, span[q, 0]:span[q, 1]]
         side.n, side.cursor = append_frames(side.meta, side.data, 0, 0, batch.meta,
                                             batch.data, idx, q)
-        egress_tags(side.meta, 0, side.n, plan, span[q, 0])
+        egress_tags(side.meta, side.n, plan, span[q, 0])
         if side.n:
             self.nic.from_pf(side)                 # VFs get theirs, the wire the rest

@@ -212,7 +212,7 @@ class Switch:
         self._dp_lock = DataPathLock()
         # Takes the deliveries of steered frames to send on other threads (VMQ queue
         # workers, switch/vmq_workers.py), or None: take_batch, put_batch, offload,
-        # flush, port_gone.
+        # port_gone.
         self.offload = None
         # Inside ``Switch.run``: the descriptors its last epoll found readable, for
         # the poll right after it (empty for the polls after that), so a kind may
@@ -575,9 +575,7 @@ class Switch:
                         self.process(b, k.steer)
                 finally:
                     if off is not None:
-                        off.put_batch(b)
-                        if not b.n:
-                            off.flush()       # the ring ran dry: nothing more to add
+                        off.put_batch(b)      # lanes it gave nothing hand over theirs
             self._dp_lock.hand_over()
         return got
 

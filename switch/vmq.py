@@ -60,10 +60,9 @@ class VmqError(ValueError):
 
 @kernel
 def steer_batch(meta, n, port_id, f_mac, f_vlan, f_queue, q_state, q_port, q_rss, q_pkts, q_bytes,
-                rss_keys, rss_info, rss_itab, rss_isize, count):
-    """Sort a parsed batch into queues (VMQ filters, then VMMQ's table). With
-    ``count`` false it only classifies (the dispatcher, before the queue's worker
-    steers and counts again) and ``q_pkts`` counts frames per queue of this batch."""
+                rss_keys, rss_info, rss_itab, rss_isize):
+    """Sort a parsed batch into queues (VMQ filters, then VMMQ's table), counting
+    each queue's frames and bytes."""
     nf = f_mac.shape[0]
     nq = q_state.shape[0]
     running = _RUNNING
@@ -92,8 +91,7 @@ def steer_batch(meta, n, port_id, f_mac, f_vlan, f_queue, q_state, q_port, q_rss
         meta[QUEUE, i] = q
         meta[QPORT, i] = q_port[q] if q != 0 else 0
         q_pkts[q] += 1
-        if count:
-            q_bytes[q] += meta[LEN, i]
+        q_bytes[q] += meta[LEN, i]
 
 
 class Vmq:
@@ -314,14 +312,7 @@ class Vmq:
     def steer(self, batch) -> None:
         steer_batch(batch.meta, batch.n, self.port_id, self.f_mac, self.f_vlan, self.f_queue,
                     self.q_state, self.q_port, self.q_rss, self.q_pkts, self.q_bytes,
-                    self.rss_keys, self.rss_info, self.rss_itab, self.rss_isize, True)
-
-    def classify(self, batch, per_queue) -> None:
-        """Queue of every frame of a parsed batch; ``per_queue`` gets the counts."""
-        per_queue[:] = 0
-        steer_batch(batch.meta, batch.n, self.port_id, self.f_mac, self.f_vlan, self.f_queue,
-                    self.q_state, self.q_port, self.q_rss, per_queue, self.q_bytes,
-                    self.rss_keys, self.rss_info, self.rss_itab, self.rss_isize, False)
+                    self.rss_keys, self.rss_info, self.rss_itab, self.rss_isize)
 
     # ---- dynamic VMQ (3.2) --------------------------------------------------------
     def _least_loaded_cpu(self) -> int:

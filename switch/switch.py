@@ -560,10 +560,13 @@ class Switch:
         """Receive one batch from each port kind (or one) and switch it. Returns frames in."""
         got = 0
         for k in ([kind] if kind else self.kinds):
+            # A steered kind's batch may stay with VMQ workers after this pass; when
+            # they hold all, wait for one before the lock, not under it.
+            off = self.offload if k.steer is not None else None
+            if off is not None:
+                off.wait_free()
             # Held from receive on: control operations change the kinds' port arrays.
             with self._dp_lock:
-                # A steered kind's batch may stay with VMQ workers after this pass.
-                off = self.offload if k.steer is not None else None
                 b = off.take_batch() if off is not None else None
                 if b is None:
                     b = self._rx

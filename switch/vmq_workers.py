@@ -22,8 +22,10 @@ Nothing is copied to hand it over: the data-path thread receives into one of
 every worker that had a share of it is done. With none free for ``wait_s``
 (workers behind), the next batch is received into the switch's own and the
 queues' deliveries in it are dropped and counted (VMQ_FULL), as a NIC drops on a
-full queue; delivering them from here would reorder the queues' flows. A frame
-whose queue went away before it was steered is queue 0's (checklist 34).
+full queue; delivering them from here would reorder the queues' flows. The
+data-path thread waits for a batch outside the data-path lock (``wait_free``), so
+a queue that is behind delays no other port. A frame whose queue went away
+before it was steered is queue 0's (checklist 34).
 Deleting a port (``port_gone``) waits for a share being sent to it; shares for it
 not yet started are dropped and counted when their worker reaches them, so none
 reaches the port that reuses the id (A.16).
@@ -108,6 +110,7 @@ class QueueWorkers:
         self.free = collections.deque(self.pool)
         self.holds: dict[int, int] = {}              # id(batch) -> workers holding it
         self.returns: queue.SimpleQueue = queue.SimpleQueue()
+        self.returned = threading.Event()            # set by a worker with each return
         self._out = np.zeros((vmq.num_queues + 1, 2, switch.batch_capacity), dtype=np.int64)
         self._counts = np.zeros(vmq.num_queues + 1, dtype=np.int64)
         self._live = np.zeros(vmq.num_queues + 1, dtype=np.int64)
@@ -141,9 +144,22 @@ class QueueWorkers:
             self.holds.pop(id(b), None)
             self.free.append(b)
 
+    def wait_free(self) -> None:
+        """The data-path thread, before it takes the data-path lock for a steered
+        receive: when the workers hold every batch, wait up to ``wait_s`` for one
+        to come back. Waiting here rather than under the lock keeps the switch's
+        other ports and its control operations going while a queue is behind
+        (put_batch handed every waiting share over when the pool ran dry). Reads
+        the pool only; take_batch takes the batch under the lock."""
+        if self.free or not self.lanes or self.stop_event.is_set():
+            return
+        self.returned.clear()
+        if self.returns.empty():
+            self.returned.wait(self.wait_s)
+
     def take_batch(self):
-        """A batch to receive into, or None when the workers hold them all for
-        ``wait_s`` (the queues are full)."""
+        """A batch to receive into, or None when the workers hold them all (the
+        queues are full: wait_free waited for one already)."""
         me = threading.get_ident()
         if me != self.dispatcher and threading.current_thread() is not threading.main_thread():
             self.dispatcher = me              # the data-path thread (not warm()'s caller)
@@ -152,18 +168,6 @@ class QueueWorkers:
         if me == self.dispatcher:
             self._pin_dispatcher()
         self._settle()
-        if not self.free:
-            self.flush()
-        if not self.free and self.lanes and not self.stop_event.is_set():
-            deadline = time.monotonic() + self.wait_s
-            while not self.free:
-                t = deadline - time.monotonic()
-                if t <= 0:
-                    break
-                try:
-                    self._release(self.returns.get(timeout=t))
-                except queue.Empty:
-                    break
         if not self.free:
             return None
         b = self.free.popleft()
@@ -176,6 +180,9 @@ class QueueWorkers:
         while more of their queue's keep coming."""
         if id(b) in self.holds:
             self._release(b)
+        self._settle()
+        if not self.free:
+            self.flush()                      # the next receive needs a batch back
         for q, lane in self.lanes.items():
             if lane.pending and q not in self._touched:
                 self._hand_over(lane)
@@ -297,6 +304,7 @@ class QueueWorkers:
                 finally:
                     span[pid, 1] = 0
                     self.returns.put(batch)
+                    self.returned.set()
 
     # ---- dynamic VMQ ---------------------------------------------------------------
     def _cpu_time(self, ident) -> float | None:

@@ -56,14 +56,14 @@ class _Recording(PortKind):
             return [f for p, _, _, f in self.seen if p == port.port_id]
 
 
-def _rig(queues=2, batches=8, cpus=(0,), name="vmqw"):
+def _rig(queues=2, batches=8, cpus=(0,), name="vmqw", wait_s=0.05):
     sw = Switch(name, max_ports=8)
     mem = MemoryPorts(in_frames=8192, in_bytes=1 << 22, out_frames=16384, out_bytes=1 << 23)
     rec = sw.add_kind(_Recording())
     up = sw.add_port("uplink", "external", kind=mem)
     vms = [sw.add_port(f"vm{k}", "synthetic", mac=m, kind=rec) for k, m in enumerate(MACS)]
     vmq = Vmq(queues, port_id=up.port_id, cpus=list(cpus))
-    w = QueueWorkers(vmq, sw, batches=batches, interval=0.2, wait_s=0.05)
+    w = QueueWorkers(vmq, sw, batches=batches, interval=0.2, wait_s=wait_s)
     mem.steer = vmq.steer
     qs = []
     for p, m in zip(vms[:queues], MACS):
@@ -165,6 +165,38 @@ def test_full_queues_drop_and_count_and_what_was_handed_over_arrives_in_order():
     assert [_seq(f) for f in got] == list(range(10)) * 2
     sw.poll()                                 # takes the batches back
     assert len(w.free) == 2 and not w.holds
+
+
+def test_waiting_for_a_full_queue_holds_no_other_port_up():
+    """With every batch held by a stalled worker, the data-path thread waits for one
+    without the data-path lock: a control operation (or another kind's receive) gets
+    the lock while the wait goes on, and the frames go through once the worker is
+    back, none dropped."""
+    sw, mem, rec, up, vms, vmq, w, qs = _rig(batches=2, wait_s=10.0)
+    rec.gate.clear()
+    w.start()
+    waiting = threading.Thread(target=sw.poll, name="data-path")
+    try:
+        for k in range(2):
+            mem.inject(up, _frames(MACS[0], 10, bytes([65 + k])))
+            sw.poll()                         # both batches now held by the worker
+        assert rec.entered.wait(10)
+        mem.inject(up, _frames(MACS[0], 10, b"C"))
+        waiting.start()
+        time.sleep(0.2)                       # the poll is waiting for a batch
+        with sw._dp_lock:
+            assert waiting.is_alive()         # ...and did not hold the lock meanwhile
+        assert sw.stats()["ports"]["vm0"]["drops_out"].get(
+            R.BUILTIN_REASONS[R.VMQ_FULL]) is None
+    finally:
+        rec.gate.set()
+        waiting.join(20) if waiting.ident else None
+        _drain(sw, mem, rec, 30)
+        w.stop()
+    assert not waiting.is_alive()
+    got = rec.frames(vms[0])
+    assert [f[42] for f in got] == [65] * 10 + [66] * 10 + [67] * 10
+    assert w.info()[qs[0]] == 0
 
 
 def test_a_queue_freed_while_its_deliveries_wait_loses_and_repeats_nothing():

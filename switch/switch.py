@@ -563,7 +563,9 @@ class Switch:
             # A steered kind's batch may stay with VMQ workers after this pass; when
             # they hold all, wait for one before the lock, not under it.
             off = self.offload if k.steer is not None else None
-            if off is not None:
+            if off is not None and off.dry():
+                with self._dp_lock:
+                    off.flush()               # what waits for more goes now
                 off.wait_free()
             # Held from receive on: control operations change the kinds' port arrays.
             with self._dp_lock:

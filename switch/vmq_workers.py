@@ -110,7 +110,6 @@ class QueueWorkers:
         self.free = collections.deque(self.pool)
         self.holds: dict[int, int] = {}              # id(batch) -> workers holding it
         self.returns: queue.SimpleQueue = queue.SimpleQueue()
-        self.returned = threading.Event()            # set by a worker with each return
         self._out = np.zeros((vmq.num_queues + 1, 2, switch.batch_capacity), dtype=np.int64)
         self._counts = np.zeros(vmq.num_queues + 1, dtype=np.int64)
         self._live = np.zeros(vmq.num_queues + 1, dtype=np.int64)
@@ -144,22 +143,29 @@ class QueueWorkers:
             self.holds.pop(id(b), None)
             self.free.append(b)
 
+    def dry(self) -> bool:
+        """The workers hold every batch, those they gave back counted (the data-path
+        thread, which alone takes and frees batches: no lock needed)."""
+        self._settle()
+        return not self.free and bool(self.lanes) and not self.stop_event.is_set()
+
     def wait_free(self) -> None:
-        """The data-path thread, before it takes the data-path lock for a steered
-        receive: when the workers hold every batch, wait up to ``wait_s`` for one
-        to come back. Waiting here rather than under the lock keeps the switch's
-        other ports and its control operations going while a queue is behind
-        (put_batch handed every waiting share over when the pool ran dry). Reads
-        the pool only; take_batch takes the batch under the lock."""
-        if self.free or not self.lanes or self.stop_event.is_set():
-            return
-        self.returned.clear()
-        if self.returns.empty():
-            self.returned.wait(self.wait_s)
+        """The data-path thread, when ``dry`` and after ``flush`` (under the lock):
+        wait up to ``wait_s`` for a batch to come back, without the data-path
+        lock, so the switch's other ports and control operations go on meanwhile."""
+        deadline = time.monotonic() + self.wait_s
+        while not self.free:                  # a batch is free once all its holders return it
+            t = deadline - time.monotonic()
+            if t <= 0:
+                return
+            try:
+                self._release(self.returns.get(timeout=t))
+            except queue.Empty:
+                return
 
     def take_batch(self):
         """A batch to receive into, or None when the workers hold them all (the
-        queues are full: wait_free waited for one already)."""
+        queues are full: the data-path thread waited for one already)."""
         me = threading.get_ident()
         if me != self.dispatcher and threading.current_thread() is not threading.main_thread():
             self.dispatcher = me              # the data-path thread (not warm()'s caller)
@@ -180,9 +186,6 @@ class QueueWorkers:
         while more of their queue's keep coming."""
         if id(b) in self.holds:
             self._release(b)
-        self._settle()
-        if not self.free:
-            self.flush()                      # the next receive needs a batch back
         for q, lane in self.lanes.items():
             if lane.pending and q not in self._touched:
                 self._hand_over(lane)
@@ -304,7 +307,6 @@ class QueueWorkers:
                 finally:
                     span[pid, 1] = 0
                     self.returns.put(batch)
-                    self.returned.set()
 
     # ---- dynamic VMQ ---------------------------------------------------------------
     def _cpu_time(self, ident) -> float | None:

@@ -37,10 +37,13 @@ class _Recording(PortKind):
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()       # a queue worker reached its transmit
+        self.gated: set[int] | None = None     # the ports the gate holds (None: all)
 
     def transmit(self, batch, plan, span) -> None:
         held = self.switch._dp_lock._lock._is_owned()
-        if threading.current_thread().name.startswith("vmq-"):
+        if threading.current_thread().name.startswith("vmq-") and (
+                self.gated is None or set(self.port_ids.tolist()) & self.gated
+                and any(span[p, 1] > span[p, 0] for p in self.gated)):
             self.entered.set()
             self.gate.wait(30)
         with self.lock:
@@ -179,11 +182,11 @@ def test_waiting_for_a_full_queue_holds_no_other_port_up():
     try:
         for k in range(2):
             mem.inject(up, _frames(MACS[0], 10, bytes([65 + k])))
-            sw.poll()                         # both batches now held by the worker
-        assert rec.entered.wait(10)
+            sw.poll()                         # both batches now held for the worker
         mem.inject(up, _frames(MACS[0], 10, b"C"))
-        waiting.start()
-        time.sleep(0.2)                       # the poll is waiting for a batch
+        waiting.start()                       # hands both over, waits for one back
+        assert rec.entered.wait(10)
+        time.sleep(0.2)
         with sw._dp_lock:
             assert waiting.is_alive()         # ...and did not hold the lock meanwhile
         assert sw.stats()["ports"]["vm0"]["drops_out"].get(
@@ -197,6 +200,30 @@ def test_waiting_for_a_full_queue_holds_no_other_port_up():
     got = rec.frames(vms[0])
     assert [f[42] for f in got] == [65] * 10 + [66] * 10 + [67] * 10
     assert w.info()[qs[0]] == 0
+
+
+def test_a_batch_shared_by_two_queues_is_waited_for_until_both_give_it_back():
+    """One batch, with frames for two queues: when only one worker has given it back,
+    the data path waits on for the other rather than count the next batch's
+    deliveries as dropped for a full queue."""
+    sw, mem, rec, up, vms, vmq, w, qs = _rig(batches=1, wait_s=10.0)
+    rec.gated = {vms[1].port_id}              # vm1's worker is slow, vm0's is not
+    rec.gate.clear()
+    w.start()
+    try:
+        mem.inject(up, _frames(MACS[0], 5, b"A") + _frames(MACS[1], 5, b"A"))
+        sw.poll()                             # the one batch, a share to each queue
+        mem.inject(up, _frames(MACS[0], 5, b"B") + _frames(MACS[1], 5, b"B"))
+        threading.Timer(0.5, rec.gate.set).start()
+        sw.poll()                             # waits for vm1's worker too, then receives
+        _drain(sw, mem, rec, 20)
+    finally:
+        rec.gate.set()
+        w.stop()
+    assert sw.stats()["ports"]["vm0"]["drops_out"] == {}
+    assert sw.stats()["ports"]["vm1"]["drops_out"] == {}
+    for vm in vms[:2]:
+        assert [f[42] for f in rec.frames(vm)] == [65] * 5 + [66] * 5
 
 
 def test_a_queue_freed_while_its_deliveries_wait_loses_and_repeats_nothing():

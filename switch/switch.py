@@ -615,8 +615,17 @@ class Switch:
                     continue
                 per_kind = [k.fds() for k in self.kinds]
                 fds = {fd for kfds in per_kind for fd in kfds}
-                for fd in fds - waited:
+                for fd in list(fds):
                     try:
+                        if fd in waited:
+                            # A number closed and opened again since the last pass
+                            # is another file, which epoll does not watch yet (it
+                            # dropped the old one at the close): MOD says ENOENT.
+                            try:
+                                ep.modify(fd, select.EPOLLIN)
+                                continue
+                            except FileNotFoundError:
+                                pass
                         ep.register(fd, select.EPOLLIN)
                     except (OSError, ValueError):   # closed since the kind listed it
                         fds.discard(fd)

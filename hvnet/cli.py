@@ -512,6 +512,20 @@ def cmd_bench(a) -> int:
             for e in r["errors"]:
                 err.print(f"[red]{e}[/red]")
         return 1 if r["errors"] else 0
+    if a.what == "feed":
+        if os.geteuid() != 0:
+            raise CliError("bench feed builds a veth pair in a network namespace: run it "
+                           "as root", 2)
+        from . import vmq_feed_bench
+        with err.status("starting") as status:
+            r = vmq_feed_bench.run(frames=100_000 if a.quick else 400_000,
+                                   repeats=a.repeats or 3,
+                                   progress=lambda s: status.update(s))
+        if a.json:
+            print(json.dumps(r))
+        else:
+            out.print(vmq_feed_bench.table(r))
+        return 0
     if a.what == "e2e":
         if os.geteuid() != 0:
             raise CliError("bench e2e builds its peers and topologies in network namespaces "
@@ -631,11 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("bench", help="benchmarks")
-    s.add_argument("what", choices=["fastpath", "switch", "ring", "vmq", "e2e"],
+    s.add_argument("what", choices=["fastpath", "switch", "ring", "vmq", "feed", "e2e"],
                    help="fastpath: in-memory pipeline; switch: two namespaces through the "
                    "switch beside a veth pair and a Linux bridge; ring: NetVSC to NetVSP "
                    "through the VMBus ring across two processes; vmq: uplink to two VMs, "
-                   "one receive queue against two; e2e: every hvnet path beside veth, "
+                   "one receive queue against two; feed: VMQ's queues fed from one ring "
+                   "by the compiled demultiplexer against AF_PACKET fanout; e2e: every "
+                   "hvnet path beside veth, "
                    "bridge and Open vSwitch (TCP, packet rate, RFC 2544 zero loss, "
                    "latency), written as Markdown, JSON and PNG")
     s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -644,8 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=256, help="(fastpath) batch size")
     s.add_argument("--no-peer", action="store_true",
                    help="(fastpath) skip the plain-Python peer measured beside it")
-    s.add_argument("--repeats", type=int, help="(switch, vmq, e2e) rounds (default 1; "
-                   "e2e: 3, or 1 with --quick)")
+    s.add_argument("--repeats", type=int, help="(switch, vmq, feed, e2e) rounds (default 1; "
+                   "feed: 3; e2e: 3, or 1 with --quick)")
     s.add_argument("--paths", help="(switch) comma-separated: veth, bridge, tap-tap, "
                    "synthetic, e1000-synthetic, synthetic-e1000, internal-uplink, "
                    "internal-uplink-v3, vmq, sriov (default: veth, bridge, tap-tap, "
@@ -655,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--peers", help="(e2e) comma-separated: veth, bridge, ovs-afpacket, "
                    "ovs-afxdp (default: all; an empty list for none)")
     s.add_argument("--quick", action="store_true",
-                   help="(e2e) one round of short trials, latency at 64 bytes only")
+                   help="(e2e) one round of short trials, latency at 64 bytes only; "
+                   "(feed) 100000 frames a round")
     s.add_argument("--out", default="e2e-results",
                    help="(e2e) folder for e2e.md, e2e.json and the plots "
                    "(default ./e2e-results)")
@@ -665,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(a) -> None:
     if a.cmd == "bench":
-        if a.what != "e2e":
+        if a.what not in ("e2e", "feed"):
             a.seconds = 5.0 if a.seconds is None else a.seconds
             a.repeats = 1 if a.repeats is None else a.repeats
         if a.seconds is not None and a.seconds <= 0:

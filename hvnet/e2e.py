@@ -85,7 +85,7 @@ def _iperf3_error(out: str, err: str) -> str:
     return "; ".join(parts) or "no output"
 
 
-def _start_server(ns: str, ip: str) -> tuple[subprocess.Popen, int]:
+def start_iperf_server(ns: str, ip: str) -> tuple[subprocess.Popen, int]:
     """A one-off iperf3 server bound to ``ip`` in ``ns``, listening when this returns."""
     for _ in range(_PORT_TRIES):
         port = _next_port()
@@ -126,7 +126,7 @@ def _server_json(p: subprocess.Popen, ns: str) -> dict:
     return data
 
 
-def _client(ns: str, argv: list[str], seconds: float) -> dict:
+def run_iperf_client(ns: str, argv: list[str], seconds: float) -> dict:
     try:
         cp = nsexec.run(ns, argv, timeout=seconds + SLACK_S)
     except subprocess.TimeoutExpired:
@@ -147,9 +147,9 @@ def tcp(client_ns: str, server_ns: str, server_ip: str, streams: int = 1,
         seconds: float = 5) -> dict:
     """TCP bulk transfer client -> server: the receiver's bit rate and the sender's
     retransmits."""
-    p, port = _start_server(server_ns, server_ip)
+    p, port = start_iperf_server(server_ns, server_ip)
     try:
-        data = _client(client_ns, ["iperf3", "-c", server_ip, "-p", str(port), "-J",
+        data = run_iperf_client(client_ns, ["iperf3", "-c", server_ip, "-p", str(port), "-J",
                                    "--connect-timeout", "3000", "-t", f"{seconds:g}",
                                    "-P", str(streams)], seconds)
         try:
@@ -166,9 +166,9 @@ def udp_pps(client_ns: str, server_ns: str, server_ip: str, seconds: float = 5,
             size: int = 64) -> dict:
     """UDP datagrams of ``size`` payload bytes as fast as the client can send them:
     packets per second received, as the server counts them, and the loss."""
-    p, port = _start_server(server_ns, server_ip)
+    p, port = start_iperf_server(server_ns, server_ip)
     try:
-        _client(client_ns, ["iperf3", "-c", server_ip, "-p", str(port), "-J",
+        run_iperf_client(client_ns, ["iperf3", "-c", server_ip, "-p", str(port), "-J",
                             "--connect-timeout", "3000", "-t", f"{seconds:g}",
                             "-u", "-b", "0", "-l", str(size)], seconds)
         data = _server_json(p, server_ns)
@@ -219,12 +219,12 @@ class Path:
     client_ip: str = A_IP
 
 
-def _default_prefix() -> str:
+def default_prefix() -> str:
     return f"e{os.getpid() % 10000}"
 
 
 @contextlib.contextmanager
-def _recorded(prefix: str) -> Iterator[Netns]:
+def recorded(prefix: str) -> Iterator[Netns]:
     """A Netns whose record lives in a temp dir, torn down however the block ends."""
     with tempfile.TemporaryDirectory(prefix="hvnet-e2e-") as tmp:
         nn = Netns(prefix, os.path.join(tmp, "record.json"))
@@ -234,7 +234,7 @@ def _recorded(prefix: str) -> Iterator[Netns]:
             nn.teardown()
 
 
-def _endpoints(nn: Netns, a: str, b: str) -> None:
+def endpoints(nn: Netns, a: str, b: str) -> None:
     """ns-a's va and ns-b's vb as in baseline.md: fixed MACs, 10.9.0.1-2/24."""
     for ns, ifname, mac, ip in ((a, "va", A_MAC, A_IP), (b, "vb", B_MAC, B_IP)):
         nn.set_mac(ns, ifname, mac)
@@ -242,7 +242,7 @@ def _endpoints(nn: Netns, a: str, b: str) -> None:
         nn.set_up(ns, ifname)
 
 
-def _wait_reachable(ns: str, ip: str, tries: int = 10) -> None:
+def wait_reachable(ns: str, ip: str, tries: int = 10) -> None:
     """Do not hand out a path before it carries a ping (bridge ports, ARP)."""
     last = ""
     for _ in range(tries):
@@ -256,18 +256,18 @@ def _wait_reachable(ns: str, ip: str, tries: int = 10) -> None:
 @contextlib.contextmanager
 def veth_peer(prefix: str | None = None) -> Iterator[Path]:
     """A veth pair straight between ``PREFIX-a`` (va) and ``PREFIX-b`` (vb)."""
-    with _recorded(prefix or _default_prefix()) as nn:
+    with recorded(prefix or default_prefix()) as nn:
         a, b = nn.add_namespace("a"), nn.add_namespace("b")
         nn.add_veth((a, "va"), (b, "vb"))
-        _endpoints(nn, a, b)
-        _wait_reachable(a, B_IP)
+        endpoints(nn, a, b)
+        wait_reachable(a, B_IP)
         yield Path("veth", a, b, B_IP)
 
 
 @contextlib.contextmanager
 def bridge_peer(prefix: str | None = None) -> Iterator[Path]:
     """``PREFIX-a`` and ``PREFIX-b`` joined through Linux bridge br0 in ``PREFIX-sw``."""
-    with _recorded(prefix or _default_prefix()) as nn:
+    with recorded(prefix or default_prefix()) as nn:
         a, b, sw = nn.add_namespace("a"), nn.add_namespace("b"), nn.add_namespace("sw")
         nn.add_bridge(sw, "br0")
         nn.add_veth((a, "va"), (sw, "sa"))
@@ -276,8 +276,8 @@ def bridge_peer(prefix: str | None = None) -> Iterator[Path]:
             nn.set_master(sw, port, "br0")
             nn.set_up(sw, port)
         nn.set_up(sw, "br0")
-        _endpoints(nn, a, b)
-        _wait_reachable(a, B_IP)
+        endpoints(nn, a, b)
+        wait_reachable(a, B_IP)
         yield Path("bridge", a, b, B_IP)
 
 
@@ -376,7 +376,7 @@ def _test(name: str) -> _Test:
                      f"(N-byte frames, {MIN_SIZE}..{MAX_SIZE}; P% of zlN's rate)")
 
 
-def _cpu_times() -> list[tuple[int, int]]:
+def cpu_times() -> list[tuple[int, int]]:
     """(total, idle) jiffies of each CPU, from /proc/stat."""
     out = []
     with open("/proc/stat") as f:
@@ -387,7 +387,7 @@ def _cpu_times() -> list[tuple[int, int]]:
     return out
 
 
-def _busy_pct(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[float]:
+def busy_pct(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[float]:
     return [round(100 * (1 - (i1 - i0) / (t1 - t0)), 1) if t1 > t0 else 0.0
             for (t0, i0), (t1, i1) in zip(before, after)]
 
@@ -416,11 +416,11 @@ def machine() -> dict:
 
 def _one(r, repeats, path, t, spec, seconds, sess, runs, errors, say) -> None:
     try:
-        cpu0 = _cpu_times()
+        cpu0 = cpu_times()
         res = spec.run(path, seconds, sess)
         # Busy share of each CPU, whoever used it: on a shared
         # machine this is how to tell a slow path from a busy one.
-        res["cpu_busy_pct"] = _busy_pct(cpu0, _cpu_times())
+        res["cpu_busy_pct"] = busy_pct(cpu0, cpu_times())
     except (RuntimeError, OSError) as e:
         errors.append(f"round {r + 1} {t}: {e}")
         say(f"round {r + 1}/{repeats}: {path.name} {t}: FAILED: {e}")
@@ -442,7 +442,7 @@ def compare(paths: list[Callable[[str], ContextManager[Path]]],
     A failed build or test is recorded (``errors``) and the comparison goes on, so
     one broken path does not lose the others' figures."""
     specs = {t: _test(t) for t in tests}     # unknown names fail before anything is built
-    prefix = prefix or _default_prefix()
+    prefix = prefix or default_prefix()
     say = progress or (lambda s: None)
     info = machine()
     names: list[str | None] = [None] * len(paths)

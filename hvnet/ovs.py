@@ -143,7 +143,7 @@ def _peer(kind: str):
     @contextlib.contextmanager
     def factory(prefix: str | None = None) -> Iterator[e2e.Path]:
         ensure_installed()
-        with e2e._recorded(prefix or e2e._default_prefix()) as nn, \
+        with e2e.recorded(prefix or e2e.default_prefix()) as nn, \
                 tempfile.TemporaryDirectory(prefix="hvnet-ovs-") as tmp:
             a, b, sw = nn.add_namespace("a"), nn.add_namespace("b"), nn.add_namespace("sw")
             nn.add_veth((a, "va"), (sw, "sa"))
@@ -167,8 +167,8 @@ def _peer(kind: str):
                                       "error").strip()
                     if error not in ("", "[]"):
                         raise RuntimeError(f"OVS could not open port {port}: {error}")
-                e2e._endpoints(nn, a, b)
-                e2e._wait_reachable(a, e2e.B_IP)
+                e2e.endpoints(nn, a, b)
+                e2e.wait_reachable(a, e2e.B_IP)
                 yield e2e.Path(name, a, b, e2e.B_IP)
             finally:
                 try:

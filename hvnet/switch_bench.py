@@ -129,7 +129,7 @@ def _path(kind: str):
             try:
                 if kind == "sriov":
                     _wait_vf(env, name)
-                e2e._wait_reachable(f"{name}-a", e2e.B_IP)
+                e2e.wait_reachable(f"{name}-a", e2e.B_IP)
                 yield e2e.Path(f"hvnet {kind}", f"{name}-a", f"{name}-b", e2e.B_IP)
             finally:
                 if _hvnet(env, "down", name).returncode != 0:

@@ -48,20 +48,20 @@ def _hvnet(env, *args, timeout=120):
 
 
 def _round(name: str, env, seconds: float, with_queues: bool) -> dict:
-    servers = [e2e._start_server(f"{name}-{vm}", ip) for vm, ip in VMS]
+    servers = [e2e.start_iperf_server(f"{name}-{vm}", ip) for vm, ip in VMS]
     got: dict[str, float] = {}
     errors: list[str] = []
 
     def client(vm, ip, port):
         try:
-            d = e2e._client(f"{name}-p", ["iperf3", "-c", ip, "-p", str(port), "-J",
+            d = e2e.run_iperf_client(f"{name}-p", ["iperf3", "-c", ip, "-p", str(port), "-J",
                                           "--connect-timeout", "3000", "-t", f"{seconds:g}"],
                             seconds)
             got[vm] = d["end"]["sum_received"]["bits_per_second"] / 1e9
         except Exception as e:          # reported with the round
             errors.append(f"{vm}: {e}")
     try:
-        before = e2e._cpu_times()
+        before = e2e.cpu_times()
         ts = [threading.Thread(target=client, args=(vm, ip, port))
               for (vm, ip), (_, port) in zip(VMS, servers)]
         for t in ts:
@@ -75,7 +75,7 @@ def _round(name: str, env, seconds: float, with_queues: bool) -> dict:
                            if k in q} for q in json.loads(r.stdout)["sw0"].get("vmq", [])]
         for t in ts:
             t.join()
-        busy = e2e._busy_pct(before, e2e._cpu_times())
+        busy = e2e.busy_pct(before, e2e.cpu_times())
     finally:
         for p, _ in servers:
             e2e.nsexec.stop(p)
@@ -104,7 +104,7 @@ def run(seconds: float = 5.0, repeats: int = 3, progress=lambda s: None) -> dict
                 raise RuntimeError(f"hvnet up ({label}): {r.stderr.strip()}")
             names[label] = name
             for vm, ip in VMS:
-                e2e._wait_reachable(f"{name}-p", ip)
+                e2e.wait_reachable(f"{name}-p", ip)
         for i in range(repeats):
             for label, _ in CONFIGS:
                 progress(f"round {i + 1}/{repeats}: {label}")

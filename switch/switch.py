@@ -218,6 +218,8 @@ class Switch:
         # the poll right after it (empty for the polls after that), so a kind may
         # skip system calls on the others. None outside run: nothing is known.
         self.ready_fds: set[int] | None = None
+        # The kinds the last poll left unread: VMQ's workers held every batch.
+        self.held_back: list[PortKind] = []
         self._rx = self.new_batch()
         self._rebuild()
 
@@ -559,14 +561,18 @@ class Switch:
     def poll(self, kind: PortKind | None = None) -> int:
         """Receive one batch from each port kind (or one) and switch it. Returns frames in."""
         got = 0
+        self.held_back = []
         for k in ([kind] if kind else self.kinds):
-            # A steered kind's batch may stay with VMQ workers after this pass; when
-            # they hold all, wait for one before the lock, not under it.
+            # A steered kind's batch may stay with VMQ workers after this pass. While
+            # they hold every batch its frames stay in its ring (for up to wait_s)
+            # and the other kinds go on.
             off = self.offload if k.steer is not None else None
             if off is not None and off.dry():
                 with self._dp_lock:
                     off.flush()               # what waits for more goes now
-                off.wait_free()
+                if off.held_back():
+                    self.held_back.append(k)
+                    continue
             # Held from receive on: control operations change the kinds' port arrays.
             with self._dp_lock:
                 b = off.take_batch() if off is not None else None
@@ -600,11 +606,12 @@ class Switch:
     def run(self, stop, idle_wait_s: float = 0.05, age_every_s: float = 10.0) -> None:
         """The data-path loop: poll every port kind; when none had anything, sleep in
         epoll on their descriptors (kinds with ports but no descriptors are polled
-        every millisecond).
+        every millisecond; a kind held back by full VMQ queues is not watched, its
+        workers' wake-up is).
         Returns when the ``stop`` event is set."""
         import select
         ep = select.epoll()
-        waited: set[int] = set()
+        waited: dict[int, int] = {}           # descriptor -> the events asked for
         last_age = time.monotonic()
         try:
             self.ready_fds = set()
@@ -613,37 +620,53 @@ class Switch:
                 self.ready_fds = _NO_FDS
                 if moved:
                     continue
-                per_kind = [k.fds() for k in self.kinds]
-                fds = {fd for kfds in per_kind for fd in kfds}
-                for fd in list(fds):
-                    try:
-                        if fd in waited:
-                            # A number closed and opened again since the last pass
-                            # is another file, which epoll does not watch yet (it
-                            # dropped the old one at the close): MOD says ENOENT.
-                            try:
-                                ep.modify(fd, select.EPOLLIN)
-                                continue
-                            except FileNotFoundError:
-                                pass
-                        ep.register(fd, select.EPOLLIN)
-                    except (OSError, ValueError):   # closed since the kind listed it
-                        fds.discard(fd)
-                for fd in waited - fds:
-                    try:
-                        ep.unregister(fd)
-                    except (OSError, ValueError):
-                        pass               # closed already
-                waited = fds
-                # a kind with ports but nothing to wait on is polled every millisecond;
-                # a kind's timer (deadline) ends the wait too
-                pollable = any(not kfds and k.port_ids.size
-                               for k, kfds in zip(self.kinds, per_kind))
-                wait = 0.001 if pollable else idle_wait_s
+                want: dict[int, int] = {}
                 due = [t for t in (k.deadline() for k in self.kinds) if t is not None]
+                pollable = False
+                off = self.offload
+                if off is not None:
+                    want.update((fd, 0) for fd in off.fds())   # watched when held back
+                for k in self.kinds:
+                    kfds = k.fds()
+                    # a kind with ports but nothing to wait on is polled every millisecond
+                    pollable |= not kfds and bool(k.port_ids.size)
+                    held = off is not None and k in self.held_back
+                    for fd in kfds:
+                        want[fd] = 0 if held else select.EPOLLIN   # 0: kept, not reported
+                    if held:
+                        wake, until = off.idle_wait()
+                        want.update((fd, select.EPOLLIN) for fd in wake)
+                        if until is not None:
+                            due.append(until)
+                # Re-arm what is watched. A descriptor gone, or a number now naming
+                # another file (MOD fails), means starting over: epoll keeps a file
+                # registered under its old number for as long as any descriptor of it
+                # lives (a doorbell the guest still holds), and a guest ringing it
+                # would wake this loop for ever.
+                stale = not waited.keys() <= want.keys()
+                if not stale:
+                    for fd in waited:
+                        try:
+                            ep.modify(fd, want[fd])
+                        except (OSError, ValueError):
+                            stale = True
+                            break
+                if stale:
+                    ep.close()
+                    ep = select.epoll()
+                    waited = {}
+                for fd in want.keys() - waited.keys():
+                    try:
+                        ep.register(fd, want[fd])
+                        waited[fd] = want[fd]
+                    except (OSError, ValueError):   # closed since the kind listed it
+                        pass
+                wait = 0.001 if pollable else idle_wait_s
                 if due:
                     wait = max(0.0, min(wait, min(due) - time.monotonic()))
                 self.ready_fds = {fd for fd, _ in ep.poll(wait)}
+                if self.held_back and off is not None:
+                    off.awake()
                 if time.monotonic() - last_age > age_every_s:
                     self.age()
                     last_age = time.monotonic()

@@ -19,13 +19,16 @@ queues' traffic.
 
 Nothing is copied to hand it over: the data-path thread receives into one of
 ``batches`` batches of its own, and a batch goes back to the free ones when
-every worker that had a share of it is done. With none free for ``wait_s``
-(workers behind), the next batch is received into the switch's own and the
-queues' deliveries in it are dropped and counted (VMQ_FULL), as a NIC drops on a
-full queue; delivering them from here would reorder the queues' flows. The
-data-path thread waits for a batch outside the data-path lock (``wait_free``), so
-a queue that is behind delays no other port. A frame whose queue went away
-before it was steered is queue 0's (checklist 34).
+every worker that had a share of it is done. While the workers hold them all
+(``held_back``), the data-path thread leaves the uplink's frames in its ring and
+goes on with the switch's other ports; its idle wait watches ``wake_fd``, which a
+worker rings as it gives a batch back, instead of the uplink. After ``wait_s``
+with none free, the next batch is received into the switch's own: a queue whose
+worker still has work drops its frames in it and counts them (VMQ_FULL), as a
+NIC drops on a full queue (delivering them from here would reorder its flows);
+a queue whose worker has nothing left gets them from the data-path thread, in
+order. A frame whose queue went away before it was steered is queue 0's
+(checklist 34).
 Deleting a port (``port_gone``) waits for a share being sent to it; shares for it
 not yet started are dropped and counted when their worker reaches them, so none
 reaches the port that reuses the id (A.16).
@@ -93,6 +96,10 @@ class _Lane:
         self.cpu = -1
         self.span = np.zeros((max_ports + 1, 2), dtype=np.int64)   # the worker's, one row set
         self.pending: list = []           # shares not yet handed over (HAND_OVER_AT)
+        # Shares handed over (the data-path thread's count) and finished (the
+        # worker's): each written by one thread, so no lock; equal when idle.
+        self.handed = 0
+        self.done = 0
         # Held while the worker checks and sends one share: port_gone() takes it, so
         # a share is never sent to a port deleted after the check.
         self.busy = threading.Lock()
@@ -110,6 +117,11 @@ class QueueWorkers:
         self.free = collections.deque(self.pool)
         self.holds: dict[int, int] = {}              # id(batch) -> workers holding it
         self.returns: queue.SimpleQueue = queue.SimpleQueue()
+        # Rung by a worker giving a batch back while the data-path thread sleeps
+        # held back (``sleeping``): its idle wait watches this, not the uplink.
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.sleeping = False
+        self.dry_since: float | None = None     # since when none was free
         self._out = np.zeros((vmq.num_queues + 1, 2, switch.batch_capacity), dtype=np.int64)
         self._counts = np.zeros(vmq.num_queues + 1, dtype=np.int64)
         self._live = np.zeros(vmq.num_queues + 1, dtype=np.int64)
@@ -147,25 +159,40 @@ class QueueWorkers:
         """The workers hold every batch, those they gave back counted (the data-path
         thread, which alone takes and frees batches: no lock needed)."""
         self._settle()
-        return not self.free and bool(self.lanes) and not self.stop_event.is_set()
+        if self.free or not self.lanes or self.stop_event.is_set():
+            self.dry_since = None
+            return False
+        if self.dry_since is None:
+            self.dry_since = time.monotonic()
+        return True
 
-    def wait_free(self) -> None:
-        """The data-path thread, when ``dry`` and after ``flush`` (under the lock):
-        wait up to ``wait_s`` for a batch to come back, without the data-path
-        lock, so the switch's other ports and control operations go on meanwhile."""
-        deadline = time.monotonic() + self.wait_s
-        while not self.free:                  # a batch is free once all its holders return it
-            t = deadline - time.monotonic()
-            if t <= 0:
-                return
-            try:
-                self._release(self.returns.get(timeout=t))
-            except queue.Empty:
-                return
+    def held_back(self) -> bool:
+        """After ``dry``: the uplink's frames stay in its ring this pass (less than
+        ``wait_s`` since none was free)."""
+        return self.dry_since is not None and time.monotonic() - self.dry_since < self.wait_s
+
+    def idle_wait(self) -> tuple[list[int], float | None]:
+        """For Switch.run's idle wait while held back: the descriptor to watch
+        instead of the uplink's, and when to stop waiting (``wait_s`` is over)."""
+        self.sleeping = True
+        if not self.returns.empty():          # given back before the flag was seen
+            self._ring()
+        return [self.wake_fd], (None if self.dry_since is None
+                                else self.dry_since + self.wait_s)
+
+    def fds(self) -> list[int]:
+        return [self.wake_fd] if self.wake_fd >= 0 else []
+
+    def awake(self) -> None:
+        self.sleeping = False
+        try:
+            os.eventfd_read(self.wake_fd)
+        except OSError:                       # not rung (EAGAIN), or closed at stop
+            pass
 
     def take_batch(self):
-        """A batch to receive into, or None when the workers hold them all (the
-        queues are full: the data-path thread waited for one already)."""
+        """A batch to receive into, or None when the workers have held them all
+        for ``wait_s`` (the queues are full)."""
         me = threading.get_ident()
         if me != self.dispatcher and threading.current_thread() is not threading.main_thread():
             self.dispatcher = me              # the data-path thread (not warm()'s caller)
@@ -199,11 +226,14 @@ class QueueWorkers:
         live = self._live
         live[:] = 0
         stopping = self.stop_event.is_set()
+        owned = id(batch) in self.holds
         for q, lane in self.lanes.items():
-            live[q] = not stopping and lane.thread is not None and lane.thread.is_alive()
+            # In the switch's own batch (queues full) an idle queue's frames stay
+            # in the plan: sent by the data-path thread, after all its earlier ones.
+            live[q] = (not stopping and lane.thread is not None and lane.thread.is_alive()
+                       and (owned or not self._idle(lane)))
         if not live.any():
             return                                # no workers: the data path sends all
-        owned = id(batch) in self.holds
         ports = {int(vmq.q_port[q]) for q in self.lanes if live[q]}
         ctr = self.switch.counters.table
         for pid in ports:
@@ -231,8 +261,13 @@ class QueueWorkers:
                     self._hand_over(lane)
 
     def _hand_over(self, lane: _Lane) -> None:
+        lane.handed += len(lane.pending)
         lane.ready.put(lane.pending)
         lane.pending = []
+
+    def _idle(self, lane: _Lane) -> bool:
+        """The lane's worker has no share left to send (the data-path thread)."""
+        return not lane.pending and lane.handed == lane.done
 
     def flush(self) -> None:
         """Hand over what waits for more (a batch is needed back, or a port goes)."""
@@ -277,9 +312,14 @@ class QueueWorkers:
         self.stop_event.set()
         for lane in self.lanes.values():
             lane.ready.put(None)
-        for t in [lane.thread for lane in self.lanes.values()] + [self._balancer]:
+        threads = [lane.thread for lane in self.lanes.values()] + [self._balancer]
+        for t in threads:
             if t is not None:
                 t.join(5)
+        # Closed only when no worker can ring it: a later write could hit a reused number.
+        if self.wake_fd >= 0 and not any(t is not None and t.is_alive() for t in threads):
+            os.close(self.wake_fd)
+            self.wake_fd = -1
 
     def _work(self, lane: _Lane) -> None:
         q_cpu = self.vmq.q_cpu
@@ -306,7 +346,16 @@ class QueueWorkers:
                     log.exception("VMQ queue %d: delivering a batch failed", lane.q)
                 finally:
                     span[pid, 1] = 0
+                    lane.done += 1
                     self.returns.put(batch)
+                    if self.sleeping:
+                        self._ring()
+
+    def _ring(self) -> None:
+        try:
+            os.eventfd_write(self.wake_fd, 1)
+        except OSError:
+            pass                              # closed at stop
 
     # ---- dynamic VMQ ---------------------------------------------------------------
     def _cpu_time(self, ident) -> float | None:

@@ -59,10 +59,11 @@ class _Recording(PortKind):
             return [f for p, _, _, f in self.seen if p == port.port_id]
 
 
-def _rig(queues=2, batches=8, cpus=(0,), name="vmqw", wait_s=0.05):
+def _rig(queues=2, batches=8, cpus=(0,), name="vmqw", wait_s=0.05, mem_cls=MemoryPorts,
+         rec_cls=_Recording):
     sw = Switch(name, max_ports=8)
-    mem = MemoryPorts(in_frames=8192, in_bytes=1 << 22, out_frames=16384, out_bytes=1 << 23)
-    rec = sw.add_kind(_Recording())
+    mem = mem_cls(in_frames=8192, in_bytes=1 << 22, out_frames=16384, out_bytes=1 << 23)
+    rec = sw.add_kind(rec_cls())
     up = sw.add_port("uplink", "external", kind=mem)
     vms = [sw.add_port(f"vm{k}", "synthetic", mac=m, kind=rec) for k, m in enumerate(MACS)]
     vmq = Vmq(queues, port_id=up.port_id, cpus=list(cpus))
@@ -154,7 +155,10 @@ def test_full_queues_drop_and_count_and_what_was_handed_over_arrives_in_order():
     try:
         for k in range(3):
             mem.inject(up, _frames(MACS[0], 10, bytes([65 + k])))
-            sw.poll()                         # the 3rd finds both batches held: full
+            sw.poll()                         # the 3rd finds both batches held...
+        assert mem.pending()                  # ...and leaves its frames in the ring
+        time.sleep(0.1)                       # for wait_s (0.05): then the queue is full
+        sw.poll()
         st = sw.stats()["ports"]["vm0"]
         assert st["drops_out"].get(R.BUILTIN_REASONS[R.VMQ_FULL]) == 10
         assert w.info()[qs[0]] == 10
@@ -170,36 +174,108 @@ def test_full_queues_drop_and_count_and_what_was_handed_over_arrives_in_order():
     assert len(w.free) == 2 and not w.holds
 
 
-def test_waiting_for_a_full_queue_holds_no_other_port_up():
-    """With every batch held by a stalled worker, the data-path thread waits for one
-    without the data-path lock: a control operation (or another kind's receive) gets
-    the lock while the wait goes on, and the frames go through once the worker is
-    back, none dropped."""
+def test_a_full_queue_leaves_its_frames_in_the_uplinks_ring_until_a_batch_comes_back():
+    """With every batch held by a stalled worker (for less than wait_s), a poll leaves
+    the uplink's frames in its ring and returns at once, holding nothing: control
+    operations get the lock, nothing is dropped, and once the worker is back the
+    frames go through in order."""
     sw, mem, rec, up, vms, vmq, w, qs = _rig(batches=2, wait_s=10.0)
     rec.gate.clear()
     w.start()
-    waiting = threading.Thread(target=sw.poll, name="data-path")
     try:
         for k in range(2):
             mem.inject(up, _frames(MACS[0], 10, bytes([65 + k])))
             sw.poll()                         # both batches now held for the worker
         mem.inject(up, _frames(MACS[0], 10, b"C"))
-        waiting.start()                       # hands both over, waits for one back
+        sw.poll()                             # hands both over, leaves C in the ring
         assert rec.entered.wait(10)
-        time.sleep(0.2)
-        with sw._dp_lock:
-            assert waiting.is_alive()         # ...and did not hold the lock meanwhile
-        assert sw.stats()["ports"]["vm0"]["drops_out"].get(
-            R.BUILTIN_REASONS[R.VMQ_FULL]) is None
+        for _ in range(3):
+            assert sw.poll() == 0 and sw.held_back == [mem]
+        assert mem.pending()
+        with sw._dp_lock:                     # nothing holds the lock meanwhile
+            pass
+        assert not sw.stats()["ports"]["vm0"]["drops_out"]
     finally:
         rec.gate.set()
-        waiting.join(20) if waiting.ident else None
         _drain(sw, mem, rec, 30)
         w.stop()
-    assert not waiting.is_alive()
     got = rec.frames(vms[0])
     assert [f[42] for f in got] == [65] * 10 + [66] * 10 + [67] * 10
-    assert w.info()[qs[0]] == 0
+    assert w.info()[qs[0]] == 0 and not sw.held_back
+
+
+class _Doorbelled:
+    """A kind the data-path loop can sleep on: one eventfd, ``ring``-able."""
+    def fds(self):
+        if not hasattr(self, "bell"):
+            self.bell = os.eventfd(0, os.EFD_NONBLOCK)
+        return [self.bell]
+
+
+class _RingingUplink(_Doorbelled, MemoryPorts):
+    """An uplink whose descriptor stays readable (a ring with frames in it)."""
+    def fds(self):
+        fds = super().fds()
+        os.eventfd_write(self.bell, 1)        # never read: readable for good
+        return fds
+
+
+class _QuietVms(_Doorbelled, _Recording):
+    pass
+
+
+def test_the_data_path_loop_sleeps_while_held_back_and_wakes_when_a_batch_comes_back():
+    """Switch.run with the workers holding every batch: the uplink's ring stays
+    readable, but the loop neither watches it (it would spin) nor waits wait_s; it
+    sleeps on the workers' wake-up and receives as soon as a batch is given back."""
+    sw, mem, rec, up, vms, vmq, w, qs = _rig(batches=2, wait_s=30.0, name="vmqsl",
+                                             mem_cls=_RingingUplink, rec_cls=_QuietVms)
+    rec.gate.clear()
+    w.start()
+    passes = [0]
+    poll = Switch.poll
+
+    def counted(*a, **kw):
+        passes[0] += 1
+        return poll(sw, *a, **kw)
+    sw.poll = counted
+    stop = threading.Event()
+    t = threading.Thread(target=sw.run, args=(stop,), kwargs={"idle_wait_s": 60.0},
+                         name="datapath-vmqsl")
+    try:
+        t.start()
+        mem.inject(up, _frames(MACS[0], 10, b"A"))
+        assert rec.entered.wait(10)           # A's batch with the stalled worker
+        mem.inject(up, _frames(MACS[0], 10, b"B"))
+        for _ in range(1000):                 # B's batch received: none left free
+            if not mem.pending():
+                break
+            time.sleep(0.01)
+        mem.inject(up, _frames(MACS[0], 10, b"C"))
+        time.sleep(0.3)
+        n0 = passes[0]
+        time.sleep(0.5)
+        spun = passes[0] - n0
+        assert sw.held_back == [mem] and mem.pending()
+        t0 = time.monotonic()
+        rec.gate.set()                        # the worker gives its batches back
+        while len(rec.frames(vms[0])) < 30 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        late = time.monotonic() - t0
+    finally:
+        rec.gate.set()
+        stop.set()
+        for _ in range(100):
+            os.eventfd_write(rec.bell, 1)
+            t.join(0.1)
+            if not t.is_alive():
+                break
+        w.stop()
+        for fd in (mem.bell, rec.bell):
+            os.close(fd)
+    assert spun < 20, f"{spun} passes of the loop in 0.5 s while held back"
+    assert [f[42] for f in rec.frames(vms[0])] == [65] * 10 + [66] * 10 + [67] * 10
+    assert late < 10 and not t.is_alive()
 
 
 def test_a_batch_shared_by_two_queues_is_waited_for_until_both_give_it_back():

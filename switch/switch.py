@@ -559,7 +559,9 @@ class Switch:
         finalize(batch.meta, c.table, p.plan, p.span, batch.n)
 
     def poll(self, kind: PortKind | None = None) -> int:
-        """Receive one batch from each port kind (or one) and switch it. Returns frames in."""
+        """Receive one batch from each port kind (or one) and switch it. Returns frames in.
+        One thread at a time (the data-path thread's, or warm()'s before it starts):
+        VMQ's batch pool is read and freed outside the data-path lock."""
         got = 0
         self.held_back = []
         for k in ([kind] if kind else self.kinds):

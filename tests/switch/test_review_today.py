@@ -26,7 +26,7 @@ from switch import counters as R
 from switch.memport import MemoryPorts
 from switch.portkind import PortKind
 from switch.switch import Switch
-from tests.switch.test_vmq_workers import MACS, _frames, _rig
+from tests.switch.test_vmq_workers import MACS, _frames, _rig, count_polls
 
 OTHER = ["02:00:00:00:1a:01", "02:00:00:00:1b:01"]
 
@@ -138,13 +138,7 @@ class _Doorbells(PortKind):
 
 
 def _passes(sw, seconds):
-    n = [0]
-    poll = Switch.poll
-
-    def counted(*a, **kw):
-        n[0] += 1
-        return poll(sw, *a, **kw)
-    sw.poll = counted
+    n = count_polls(sw)
     time.sleep(seconds)
     del sw.poll
     return n[0]

@@ -89,6 +89,18 @@ def _seq(frame: bytes) -> int:
     return int.from_bytes(frame[43:47], "big")
 
 
+def count_polls(sw) -> list[int]:
+    """Count ``sw``'s poll() passes from now on, in the list's one item."""
+    n = [0]
+    poll = Switch.poll
+
+    def counted(*a, **kw):
+        n[0] += 1
+        return poll(sw, *a, **kw)
+    sw.poll = counted
+    return n
+
+
 def _drain(sw, mem, rec, want, timeout=30):
     """Poll until ``want`` frames were delivered to the VM ports (or time is up)."""
     t0 = time.monotonic()
@@ -232,13 +244,7 @@ def test_the_data_path_loop_sleeps_while_held_back_and_wakes_when_a_batch_comes_
                                              mem_cls=_RingingUplink, rec_cls=_QuietVms)
     rec.gate.clear()
     w.start()
-    passes = [0]
-    poll = Switch.poll
-
-    def counted(*a, **kw):
-        passes[0] += 1
-        return poll(sw, *a, **kw)
-    sw.poll = counted
+    passes = count_polls(sw)
     stop = threading.Event()
     t = threading.Thread(target=sw.run, args=(stop,), kwargs={"idle_wait_s": 60.0},
                          name="datapath-vmqsl")

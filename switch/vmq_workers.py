@@ -96,8 +96,8 @@ class _Lane:
         self.cpu = -1
         self.span = np.zeros((max_ports + 1, 2), dtype=np.int64)   # the worker's, one row set
         self.pending: list = []           # shares not yet handed over (HAND_OVER_AT)
-        # Shares handed over (the data-path thread's count) and finished (the
-        # worker's): each written by one thread, so no lock; equal when idle.
+        # Shares handed over (changed under the data-path lock) and finished (the
+        # worker's alone): each has one writer at a time, so no lock; equal when idle.
         self.handed = 0
         self.done = 0
         # Held while the worker checks and sends one share: port_gone() takes it, so
@@ -204,6 +204,7 @@ class QueueWorkers:
         if not self.free:
             return None
         b = self.free.popleft()
+        self.dry_since = None                  # a dry spell is over, even one dry() saw
         self.holds[id(b)] = 1                  # the data-path thread's own hold
         return b
 
@@ -318,8 +319,8 @@ class QueueWorkers:
                 t.join(5)
         # Closed only when no worker can ring it: a later write could hit a reused number.
         if self.wake_fd >= 0 and not any(t is not None and t.is_alive() for t in threads):
-            os.close(self.wake_fd)
-            self.wake_fd = -1
+            fd, self.wake_fd = self.wake_fd, -1
+            os.close(fd)
 
     def _work(self, lane: _Lane) -> None:
         q_cpu = self.vmq.q_cpu

@@ -1,5 +1,6 @@
 """A review of f279642 (VMQ: full queues leave the uplink's frames in its ring), by a
-helper session. The test failed on the code it read (0a271bf); take_batch now ends the dry spell.
+helper session. The test failed on the code it read (0a271bf); take_batch now ends
+the dry spell.
 
 ``QueueWorkers.dry_since`` (when the pool last ran out) is cleared only by ``dry()``
 seeing a free batch. Switch.poll calls ``dry()``, then takes the data-path lock to

@@ -61,20 +61,19 @@ def mac_program(mac: str) -> bytes:
     ins = [(0x28, 0, 0, SKF_LL_OFF),       # ldh [ll+0]  destination MAC, first two bytes
            (0x15, 0, 3, hi),               # jeq #hi     else ret #0
            (0x20, 0, 0, SKF_LL_OFF + 2),   # ld  [ll+2]  its last four
-           (0x15, 0, 1, lo),         # jeq #lo      else ret #0
-           (0x06, 0, 0, 1),          # ret #1
-           (0x06, 0, 0, 0)]          # ret #0
+           (0x15, 0, 1, lo),               # jeq #lo     else ret #0
+           (0x06, 0, 0, 1),                # ret #1
+           (0x06, 0, 0, 0)]                # ret #0
     return b"".join(struct.pack("HBBI", *i) for i in ins)
 
 
-def _join_fanout(socks: list[RingSocket], group: int, mac: str) -> ctypes.Array:
+def _join_fanout(socks: list[RingSocket], group: int, mac: str) -> None:
     for s in socks:
         s.sock.setsockopt(SOL_PACKET, PACKET_FANOUT, (group & 0xFFFF) | (PACKET_FANOUT_CBPF << 16))
     code = mac_program(mac)
     prog = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("@HP", len(code) // 8, ctypes.addressof(prog))
-    socks[0].sock.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, fprog)
-    return prog                                   # the kernel copied it; kept for clarity
+    socks[0].sock.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, fprog)   # the kernel copies it
 
 
 def _stats(s: RingSocket) -> tuple[int, int]:

@@ -563,7 +563,7 @@ class Switch:
         One thread at a time (the data-path thread's, or warm()'s before it starts):
         VMQ's batch pool is read and freed outside the data-path lock."""
         got = 0
-        self.held_back = []
+        self.held_back.clear()
         for k in ([kind] if kind else self.kinds):
             # A steered kind's batch may stay with VMQ workers after this pass. While
             # they hold every batch its frames stay in its ring (for up to wait_s)

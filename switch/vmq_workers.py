@@ -140,12 +140,8 @@ class QueueWorkers:
     # ---- the data-path thread ----------------------------------------------------------
     def _settle(self) -> None:
         """Batches the workers are done with go back to the free ones."""
-        while True:
-            try:
-                b = self.returns.get_nowait()
-            except queue.Empty:
-                return
-            self._release(b)
+        while not self.returns.empty():       # the data-path thread alone takes them
+            self._release(self.returns.get_nowait())
 
     def _release(self, b) -> None:
         left = self.holds.get(id(b), 0) - 1
@@ -158,7 +154,8 @@ class QueueWorkers:
     def dry(self) -> bool:
         """The workers hold every batch, those they gave back counted (the data-path
         thread, which alone takes and frees batches: no lock needed)."""
-        self._settle()
+        if not self.free:                     # else nothing to settle before take_batch
+            self._settle()
         if self.free or not self.lanes or self.stop_event.is_set():
             self.dry_since = None
             return False
